@@ -1,0 +1,1 @@
+"""Input pipeline: annotation readers, mmpose-compatible transforms and target encoders."""

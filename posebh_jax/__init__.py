@@ -1,0 +1,1 @@
+"""posebh-jax: PoseBH in JAX."""

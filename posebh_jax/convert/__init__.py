@@ -1,0 +1,1 @@
+"""Reading PyTorch checkpoints without torch and converting them to flax variable trees."""

@@ -1,0 +1,149 @@
+"""PCK evaluation on held-out images: per dataset and across skeletons.
+
+For images of dataset b and the skeleton of dataset a, the model runs with expert a and head a
+(the inference graph of the reference for dataset a), the heatmaps are decoded to image
+coordinates with a's encoding, and compared with the ground truth of a's keypoints on b's images.
+a == b is the ordinary per-dataset score; a ≠ b is the cross-skeleton score, measurable when the
+images carry ground truth for a's skeleton (`full_keypoints`, as the synthetic data does).
+Correct means within `thr · max(box w, box h)` of the ground truth (PCK normalised by box size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from data_pipelines import pipeline
+from data_pipelines.skeletons import SkeletonLayout
+from posebh_jax.evaluation import decode, pck
+
+
+@dataclasses.dataclass
+class PairResult:
+  images: str  # Dataset whose images were used.
+  skeleton: str  # Dataset whose skeleton (expert + head) was predicted.
+  num_instances: int
+  pck: dict[str, float]  # "pck@0.1" → value over all visible ground-truth keypoints.
+  pck_novel: dict[str, float] | None  # Same, keypoints whose names the image dataset lacks.
+
+
+class PCKEvaluator:
+  """Evaluates a model's heads on the held-out records of every dataset."""
+
+  def __init__(self, model: nn.Module, layout: SkeletonLayout, dataset_names: Sequence[str],
+               val_records: Sequence[Sequence[Mapping[str, Any]]], cfg: pipeline.TopDownConfig,
+               mesh: Mesh, *, batch_size: int, thresholds: Sequence[float] = (0.05, 0.1)):
+    n_dev = mesh.devices.size
+    if batch_size % n_dev:
+      raise ValueError(f"eval.batch_size={batch_size} is not divisible by {n_dev} devices")
+    self.model, self.layout, self.names = model, layout, tuple(dataset_names)
+    self.val_records, self.cfg, self.mesh = val_records, cfg, mesh
+    self.batch_size, self.thresholds = batch_size, tuple(thresholds)
+
+    def forward(params, batch_stats, images, dataset_index):
+      out = model.apply({"params": params, "batch_stats": batch_stats}, images, dataset_index,
+                        train=False)
+      return out.heatmaps
+    self._forward = jax.jit(forward)
+    self._decode = jax.jit(decode.decode_heatmaps_jax, static_argnames=("use_udp",
+                                                                        "post_process"))
+
+  def pairs(self) -> list[tuple[int, int]]:
+    """(image dataset b, skeleton dataset a) pairs that have ground truth."""
+    out = []
+    for b, records in enumerate(self.val_records):
+      if not records:
+        continue
+      for a, skel in enumerate(self.layout.skeletons):
+        if a == b or all(skel.name in r.get("full_keypoints", {}) for r in records):
+          out.append((b, a))
+    return out
+
+  def _predict(self, params, batch_stats, records, a: int) -> np.ndarray:
+    """Image-space predictions [N, K_a, 2] of skeleton a on `records`."""
+    use_udp = self.cfg.use_udp(a)
+    transform = pipeline.TopDownEvalTransform(self.cfg, use_udp=use_udp)
+    ds = grain.MapDataset.source(list(records)).map(transform)
+    preds = []
+    bs = self.batch_size
+    for start in range(0, len(ds), bs):
+      items = [ds[i] for i in range(start, min(start + bs, len(ds)))]
+      n = len(items)
+      images = np.stack([it["image"] for it in items])
+      centers = np.stack([it["center"] for it in items])
+      scales = np.stack([it["scale"] for it in items])
+      if n < bs:  # Pad to a fixed batch so the forward compiles once.
+        pad = bs - n
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        centers = np.concatenate([centers, np.ones((pad, 2), np.float32)])
+        scales = np.concatenate([scales, np.ones((pad, 2), np.float32)])
+      batch = pipeline.to_global_batch(
+          dict(image=images, dataset_index=np.full((bs,), a, np.int32)), self.mesh)
+      heatmaps = self._forward(params, batch_stats, batch["image"], batch["dataset_index"])[a]
+      p, _ = self._decode(heatmaps, jnp.asarray(centers), jnp.asarray(scales), use_udp=use_udp,
+                          post_process="default")
+      preds.append(np.asarray(p)[:n])
+    return np.concatenate(preds)
+
+  def run(self, params, batch_stats) -> list[PairResult]:
+    results = []
+    for b, a in self.pairs():
+      records = self.val_records[b]
+      skel = self.layout.skeletons[a]
+      preds = self._predict(params, batch_stats, records, a)
+      gt = np.stack([r["keypoints"] if a == b else r["full_keypoints"][skel.name]
+                     for r in records])
+      box_wh = np.stack([r["bbox"][2:4] for r in records])
+      visible = gt[..., 2] > 0
+      novel_names = set(skel.keypoint_names) - set(self.layout.skeletons[b].keypoint_names)
+      novel = np.array([n in novel_names for n in skel.keypoint_names])
+      scores, novel_scores = {}, ({} if a != b and novel.any() else None)
+      for thr in self.thresholds:
+        _, overall = pck.pck_box(preds, gt[..., :2], visible, box_wh, thr)
+        scores[f"pck@{thr:g}"] = float(overall)
+        if novel_scores is not None:
+          _, o = pck.pck_box(preds[:, novel], gt[:, novel, :2], visible[:, novel], box_wh, thr)
+          novel_scores[f"pck@{thr:g}"] = float(o)
+      results.append(PairResult(self.names[b], self.names[a], len(records), scores, novel_scores))
+    return results
+
+
+def format_table(results: Sequence[PairResult], thresholds: Sequence[float]) -> str:
+  """A table: one row per (images, skeleton) pair, PCK at each threshold."""
+  cols = [f"PCK@{t:g}" for t in thresholds]
+  head = f"{'images':<14} {'skeleton':<14} {'n':>5} " + " ".join(f"{c:>9}" for c in cols)
+  head += "   novel keypoints only"
+  lines = [head, "-" * len(head)]
+  for r in results:
+    vals = " ".join(f"{r.pck[f'pck@{t:g}']:>9.3f}" for t in thresholds)
+    nov = ""
+    if r.pck_novel is not None:
+      nov = "   " + " ".join(f"{r.pck_novel[f'pck@{t:g}']:.3f}" for t in thresholds)
+    lines.append(f"{r.images:<14} {r.skeleton:<14} {r.num_instances:>5} {vals}{nov}")
+  return "\n".join(lines)
+
+
+def write_metrics(results: Sequence[PairResult], workdir: str, step: int) -> str:
+  """Writes `<workdir>/eval/metrics_<step>.json` (atomically) and returns its path."""
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  per_dataset = {r.images: dict(num_instances=r.num_instances, **r.pck)
+                 for r in results if r.images == r.skeleton}
+  cross = {f"{r.images}->{r.skeleton}": dict(num_instances=r.num_instances, **r.pck,
+                                             novel=r.pck_novel)
+           for r in results if r.images != r.skeleton}
+  path = os.path.join(out_dir, f"metrics_{step}.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(dict(step=step, per_dataset=per_dataset, cross_skeleton=cross), f, indent=2)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,62 @@
+r"""posebh-eval: evaluate a workdir's checkpoint on the config's held-out data.
+
+  posebh-eval --config=configs/synthetic.py --workdir=/tmp/posebh_synthetic [--step=N]
+
+Prints the PCK table and writes <workdir>/eval/metrics_<step>.json.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Job directory holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Restores a checkpoint of `config`'s model from `workdir` and evaluates it."""
+  import jax
+  from posebh_jax import experiment
+  from posebh_jax.train import checkpoint as checkpoint_lib
+  from posebh_jax.train import loop
+  from posebh_jax.train import sharding as sharding_lib
+
+  layout = experiment.build_layout(config)
+  model = experiment.build_model(config, layout)
+  td_cfg = experiment.topdown_config(config, layout)
+  files = experiment.resolve_dataset_files(config, workdir)
+  val_records, _ = experiment.load_records(config, layout, files, "val")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+  if step not in ckpt.all_steps():
+    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory} "
+                            f"(have {ckpt.all_steps()})")
+  _, abstract, _, _ = loop.abstract_train_state(config, model, layout, mesh)
+  state = ckpt.restore(step, abstract, None, experiment.checkpoint_meta(config, layout))
+  ckpt.close()
+  return loop.evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("posebh").setLevel(logging.INFO)
+  evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+
+
+def run() -> None:
+  """Console-script entry point."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

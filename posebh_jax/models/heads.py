@@ -1,0 +1,203 @@
+"""Heatmap heads (spec §2.2) and the prototype embedding head (spec §2.3).
+
+Inputs are NHWC backbone features `[B, Hp, Wp, D]`. Module names mirror the PyTorch
+state_dict: `deconv_layers_{3i}` (transposed conv) / `deconv_layers_{3i+1}` (BatchNorm),
+`final_layer`, and for the prototype head `neck/{conv1,bn1,conv2,bn2,downsample_0,downsample_1}`
+and `head_{0,1,3}` (index 2 is the parameter-free SiLU, as in the reference nn.Sequential).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# mmpose normal_init(std=0.001) / constant_init(1, 0): used for every conv, deconv and BN here.
+_head_init = nn.initializers.normal(stddev=0.001)
+
+BN_MOMENTUM = 0.9  # PyTorch momentum 0.1 on the new statistic == flax decay 0.9 on the old one.
+BN_EPS = 1e-5
+
+
+def deconv_padding(kernel: int) -> tuple[int, int]:
+  """PyTorch (padding, output_padding) mmpose uses for a stride-2 deconv of this kernel size.
+
+  Every choice doubles the spatial size (mmpose `_get_deconv_cfg`).
+  """
+  if kernel == 4:
+    return 1, 0
+  if kernel == 3:
+    return 1, 1
+  if kernel == 2:
+    return 0, 0
+  raise ValueError(f"unsupported deconv kernel size {kernel} (expected 2, 3 or 4)")
+
+
+def torch_conv_transpose(features: int, kernel_size: int, name: str,
+                         dtype: Dtype = jnp.float32) -> nn.ConvTranspose:
+  """PyTorch `ConvTranspose2d(stride=2, padding=p, output_padding=op, bias=False)` in NHWC.
+
+  A PyTorch transposed conv is a stride-1 conv over the input dilated by the stride, padded by
+  (k - 1 - p) before and (k - 1 - p + op) after, with the kernel flipped and in/out swapped.
+  `lax.conv_transpose(transpose_kernel=True)` does exactly that flip/swap, so the flax kernel is
+  the PyTorch weight `[C_in, C_out, kh, kw]` permuted to `[kh, kw, C_out, C_in]` (checked against
+  a numpy scatter implementation in tests/test_models.py). Maps `[B, H, W, C_in]` to
+  `[B, 2H, 2W, features]`.
+  """
+  p, op = deconv_padding(kernel_size)
+  pad = (kernel_size - 1 - p, kernel_size - 1 - p + op)
+  return nn.ConvTranspose(
+      features, (kernel_size, kernel_size), strides=(2, 2), padding=(pad, pad), use_bias=False,
+      transpose_kernel=True, kernel_init=_head_init, dtype=dtype, param_dtype=jnp.float32,
+      name=name)
+
+
+def _batch_norm(train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
+  # Per-device batch statistics (the reference uses no SyncBN). Note: flax tracks the biased
+  # batch variance in `var`, PyTorch the unbiased one; the difference is n/(n-1) with n = B*H*W.
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def deconv_stack(x: jax.Array, filters: tuple[int, ...], kernels: tuple[int, ...], *,
+                 train: bool, dtype: Dtype) -> jax.Array:
+  """`len(filters)` x [deconv (no bias) -> BN -> ReLU], each doubling the resolution.
+
+  Must be called inside a compact module: the layers are named `deconv_layers_{3i}` /
+  `deconv_layers_{3i+1}` directly under the caller, mirroring the PyTorch nn.Sequential indices
+  (the ReLU sits at 3i+2).
+
+  Args:
+    x: `[B, H, W, C]`.
+    filters: output channels of each deconv.
+    kernels: kernel size of each deconv (4 in PoseBH).
+    train: BN uses batch statistics (and updates `batch_stats`) when True.
+    dtype: compute dtype.
+
+  Returns:
+    `[B, H * 2^n, W * 2^n, filters[-1]]` (x unchanged when `filters` is empty).
+  """
+  if len(filters) != len(kernels):
+    raise ValueError(f"deconv filters {filters} and kernels {kernels} differ in length")
+  for i, (f, k) in enumerate(zip(filters, kernels)):
+    x = torch_conv_transpose(f, k, f"deconv_layers_{3 * i}", dtype)(x)
+    x = _batch_norm(train, f"deconv_layers_{3 * i + 1}", dtype)(x)
+    x = nn.relu(x)
+  return x
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype, *, use_bias: bool = True) -> nn.Conv:
+  """Conv2d with PyTorch 'same' padding k // 2 (odd kernels) and the heads' normal(0.001) init."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                 kernel_init=_head_init, bias_init=nn.initializers.zeros, dtype=dtype,
+                 param_dtype=jnp.float32, name=name)
+
+
+class HeatmapHead(nn.Module):
+  """mmpose `TopdownHeatmapSimpleHead` (spec §2.2): deconvs -> BN -> ReLU, then a 1x1 conv.
+
+  Attributes:
+    num_keypoints: output channels K.
+    deconv_filters: channels of each deconv ((256, 256) in PoseBH).
+    deconv_kernels: kernel of each deconv ((4, 4) in PoseBH); defaults to 4 for every deconv.
+    final_kernel: kernel of the final conv (1 in PoseBH; 3 also supported).
+    dtype: compute dtype; the output is float32.
+  """
+  num_keypoints: int
+  deconv_filters: tuple[int, ...] = (256, 256)
+  deconv_kernels: tuple[int, ...] | None = None
+  final_kernel: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Predicts heatmaps.
+
+    Args:
+      x: backbone features `[B, Hp, Wp, D]`.
+      train: BN mode.
+
+    Returns:
+      Heatmaps `[B, K, Hh, Wh]` float32 (channel-first, as the targets), Hh = Hp * 2^n.
+    """
+    kernels = self.deconv_kernels or (4,) * len(self.deconv_filters)
+    x = deconv_stack(x.astype(self.dtype), self.deconv_filters, kernels, train=train,
+                     dtype=self.dtype)
+    x = _conv(self.num_keypoints, self.final_kernel, "final_layer", self.dtype)(x)
+    return jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtoHeadConfig:
+  """Prototype-head sizes; field names equal the `ProtoHead` module fields.
+
+  Defaults are PoseBH (spec §1): deconvs (256, 256), channels 64, out_channels (E) 64.
+  """
+  deconv_filters: tuple[int, ...] = (256, 256)
+  deconv_kernels: tuple[int, ...] | None = None
+  channels: int = 64
+  out_channels: int = 64
+  head_kernel: int = 3
+
+
+class ResBlock(nn.Module):
+  """The 'res' neck: SiLU(BN(conv(SiLU(BN(conv(x))))) + BN(conv1x1(x)))."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """`[B, H, W, C]` -> `[B, H, W, features]`."""
+    y = _conv(self.features, 3, "conv1", self.dtype)(x)
+    y = nn.silu(_batch_norm(train, "bn1", self.dtype)(y))
+    y = _conv(self.features, 3, "conv2", self.dtype)(y)
+    y = _batch_norm(train, "bn2", self.dtype)(y)
+    # The reference always builds the 1x1 downsample branch (in != out channels in PoseBH).
+    r = _conv(self.features, 1, "downsample_0", self.dtype, use_bias=False)(x)
+    r = _batch_norm(train, "downsample_1", self.dtype)(r)
+    return nn.silu(y + r)
+
+
+class ProtoHead(nn.Module):
+  """Embedding network of `KptProtoHead` (spec §2.3); the prototypes themselves live elsewhere.
+
+  Attributes:
+    deconv_filters: channels of the head's own deconv stack.
+    deconv_kernels: deconv kernels (default 4 each).
+    channels: neck / head width (64 in PoseBH).
+    out_channels: embedding dim E (64 in PoseBH).
+    head_kernel: kernel of the first head conv (3).
+    dtype: compute dtype; the embedding is returned in float32.
+  """
+  deconv_filters: tuple[int, ...] = (256, 256)
+  deconv_kernels: tuple[int, ...] | None = None
+  channels: int = 64
+  out_channels: int = 64
+  head_kernel: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Computes the per-pixel embedding.
+
+    Args:
+      x: backbone features `[B, Hp, Wp, D]`.
+      train: BN mode.
+
+    Returns:
+      Un-normalised embedding `[B, Hh, Wh, E]` float32.
+    """
+    kernels = self.deconv_kernels or (4,) * len(self.deconv_filters)
+    x = deconv_stack(x.astype(self.dtype), self.deconv_filters, kernels, train=train,
+                     dtype=self.dtype)
+    x = ResBlock(self.channels, dtype=self.dtype, name="neck")(x, train=train)
+    x = _conv(self.channels, self.head_kernel, "head_0", self.dtype)(x)
+    x = nn.silu(_batch_norm(train, "head_1", self.dtype)(x))
+    x = _conv(self.out_channels, 1, "head_3", self.dtype)(x)
+    return x.astype(jnp.float32)

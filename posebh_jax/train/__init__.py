@@ -1,0 +1,1 @@
+"""Training: state, optimizer, sharding, step, checkpointing and the loop."""

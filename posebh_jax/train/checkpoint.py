@@ -1,0 +1,80 @@
+"""Checkpoints: one orbax CheckpointManager per workdir holding three items.
+
+  state  the TrainState pytree (params, optimizer state, prototypes, batch statistics, step, rng)
+  data   the grain iterator state, so a resumed run sees exactly the batches it would have seen
+  meta   JSON describing what the state is (datasets and keypoint counts, model sizes), checked
+         on restore so that a checkpoint of another model fails with a clear message
+
+orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoints intact and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that does not belong to this config's model."""
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator, meta) under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True),
+        item_names=("state", "data", "meta"),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict,
+           *, force: bool = False) -> bool:
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any | None, meta: dict) -> Any:
+    """Restores `step` into the shapes/shardings of `abstract_state` (and the iterator in place).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint's meta differs from `meta` (another model/datasets).
+    """
+    saved = self.read_meta(step)
+    diffs = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+    if diffs:
+      lines = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} was written for another model or dataset mix "
+          f"({lines})")
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(target))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,70 @@
+"""The train state: one pytree that holds everything a step reads and writes.
+
+Layout (every field is a jax.Array or a pytree of them, so orbax saves it as is):
+
+  step          []          int32  number of optimizer steps taken
+  params        pytree      f32    trainable weights (Flax 'params' collection)
+  batch_stats   pytree      f32    BatchNorm running statistics (Flax 'batch_stats')
+  opt_state     pytree             optax state of `params`
+  prototypes    [J, M, E]   f32    keypoint prototypes: non-gradient state, updated by EMA in
+                                   the step, never seen by the optimizer
+  rng           key                base key; the step's key is fold_in(rng, step)
+
+Static things (the model definition, the optimizer's update rule, the skeleton layout) are not
+in the state: they are rebuilt from the config and closed over by the jitted step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from posebh_jax import prototypes as proto_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  prototypes: jax.Array
+  rng: jax.Array
+
+
+def make_init_fn(
+    model: nn.Module,
+    tx_factory: Callable[[Any], optax.GradientTransformation],
+    *,
+    image_size_hw: tuple[int, int],
+    num_prototype_keypoints: int,
+    num_in_class: int,
+    embed_dim: int,
+) -> Callable[[jax.Array], TrainState]:
+  """Returns `init(rng) -> TrainState`, meant for `jax.jit(init, out_shardings=...)`.
+
+  Shapes come from `jax.eval_shape(init, rng)`, shardings are derived from them, and then the
+  state is created directly in its sharded layout, never materialised on one device first.
+  """
+  def init(rng: jax.Array) -> TrainState:
+    params_rng, drop_rng, proto_rng, state_rng = jax.random.split(rng, 4)
+    images = jnp.zeros((1,) + tuple(image_size_hw) + (3,), jnp.float32)
+    variables = model.init({"params": params_rng, "droppath": drop_rng}, images,
+                           jnp.zeros((1,), jnp.int32), train=False)
+    params = variables["params"]
+    tx = tx_factory(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        prototypes=proto_lib.init_prototypes(proto_rng, num_prototype_keypoints, num_in_class,
+                                             embed_dim),
+        rng=state_rng,
+    )
+  return init
