@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.proto = ml_collections.ConfigDict(dict(
       deconv_filters=(256, 256), channels=64, out_channels=64, num_in_class=3, gamma=0.999,
-      update_threshold=0.5))
+      update_threshold=0.5,
+      # Prototype losses train the prototype head only (see PoseBHModel.proto_detach_backbone).
+      detach_backbone=True))
 
   c.loss = ml_collections.ConfigDict(dict(
       heatmap_weight=1.0,

@@ -54,7 +54,8 @@ def build_model(config: ml_collections.ConfigDict, layout: SkeletonLayout) -> Po
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
   return PoseBHModel(backbone=backbone, num_keypoints=layout.num_keypoints,
                      head_deconv_filters=tuple(m.head_deconv_filters), proto_head=proto,
-                     use_proto_head=m.use_proto_head, dtype=dtype)
+                     use_proto_head=m.use_proto_head,
+                     proto_detach_backbone=m.proto.detach_backbone, dtype=dtype)
 
 
 def topdown_config(config: ml_collections.ConfigDict, layout: SkeletonLayout

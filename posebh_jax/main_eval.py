@@ -7,10 +7,10 @@ Prints the PCK table and writes <workdir>/eval/metrics_<step>.json.
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
+
+from posebh_jax.main_train import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
@@ -49,7 +49,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("posebh").setLevel(logging.INFO)
+  setup_logging()
   evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
 
 

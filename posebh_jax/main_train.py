@@ -21,6 +21,19 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def setup_logging() -> None:
+  """Our progress at INFO on stderr; libraries (orbax, grain, absl) only at WARNING."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  log = logging.getLogger("posebh")
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -29,7 +42,7 @@ def main(argv) -> None:
   jax.config.update("jax_threefry_partitionable", True)
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  logging.getLogger("posebh").setLevel(logging.INFO)
+  setup_logging()
   from posebh_jax.train import loop
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -58,6 +58,9 @@ class PoseBHModel(nn.Module):
     head_final_kernel: final conv kernel of the heatmap heads.
     proto_head: prototype-head sizes.
     use_proto_head: build the prototype head (its `embedding` output is None otherwise).
+    proto_detach_backbone: feed the prototype head `stop_gradient(features)`, so prototype
+      losses train the prototype head only. This is what the reference's schedule amounts to:
+      its backbone is frozen whenever the prototype losses are active (spec §3.2).
     dtype: compute dtype (float32 or bfloat16); params and all outputs are float32.
   """
   backbone: ViTMoEConfig = ViTMoEConfig()
@@ -67,6 +70,7 @@ class PoseBHModel(nn.Module):
   head_final_kernel: int = 1
   proto_head: ProtoHeadConfig = ProtoHeadConfig()
   use_proto_head: bool = True
+  proto_detach_backbone: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -91,8 +95,9 @@ class PoseBHModel(nn.Module):
         for d, k in enumerate(self.num_keypoints))
     embedding = None
     if self.use_proto_head:
+      proto_in = jax.lax.stop_gradient(features) if self.proto_detach_backbone else features
       embedding = ProtoHead(**dataclasses.asdict(self.proto_head), dtype=self.dtype,
-                            name="proto_head")(features, train=train)
+                            name="proto_head")(proto_in, train=train)
     return ModelOutputs(heatmaps=heatmaps, embedding=embedding, features=features)
 
 

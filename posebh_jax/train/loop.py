@@ -198,7 +198,8 @@ def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, s
     if writer is not None:
       for r in results:
         for k, v in r.pck.items():
-          writer.add_scalar(f"eval/{r.images}->{r.skeleton}/{k}", v, step)
+          tag = k.replace("@", "_")  # TensorBoard tags allow [A-Za-z0-9_./-] only.
+          writer.add_scalar(f"eval/{r.images}_on_{r.skeleton}/{tag}", v, step)
   out["results"] = [dict(images=r.images, skeleton=r.skeleton, n=r.num_instances, pck=r.pck,
                          pck_novel=r.pck_novel) for r in results]
   return out

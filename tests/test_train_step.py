@@ -1,0 +1,118 @@
+"""The jitted train step: 1 device vs a mesh of 8, compiled once, prototypes outside the optimizer.
+
+Why two optimizers: parameters whose true gradient is zero (conv biases directly followed by
+BatchNorm, which removes any constant) get gradients of pure float noise, and Adam divides by
+sqrt(v) + eps, turning that noise into steps of ±lr whose sign depends on reduction order. With
+a linear optimizer (SGD) every parameter must agree across device counts to float precision over
+several steps; with the real AdamW one step (in warmup) must agree as well.
+"""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import synthetic
+from data_pipelines import pipeline
+from posebh_jax import experiment
+from posebh_jax.train import loop, sharding, step as step_lib
+
+
+def _setup():
+  cfg = synthetic.get_config("tiny")
+  layout = experiment.build_layout(cfg)
+  return cfg, layout, experiment.build_model(cfg, layout)
+
+
+def _batch(cfg, layout, seed):
+  rs = np.random.RandomState(seed)
+  b, (h, w), (hh, hw), k = cfg.train.batch_size, cfg.data.image_size, cfg.data.heatmap_size, 17
+  ds = (np.arange(b) % 3).astype(np.int32)
+  return dict(image=rs.randn(b, h, w, 3).astype(np.float32),
+              target=rs.rand(b, k, hh, hw).astype(np.float32),
+              target_weight=(rs.rand(b, k) > 0.3).astype(np.float32), dataset_index=ds,
+              skeleton_mask=layout.skeleton_mask()[ds])
+
+
+def _run(num_devices, num_steps, tx=None, step_cfg_overrides=None):
+  cfg, layout, model = _setup()
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
+  state, _, shard, real_tx = loop.create_train_state(cfg, model, layout, mesh)
+  if tx is not None:
+    state = state.replace(opt_state=jax.device_put(tx.init(state.params), sharding.replicated(mesh)))
+    shard = shard.replace(opt_state=jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
+                                                           state.opt_state))
+  scfg = loop.step_config(cfg, layout)
+  if step_cfg_overrides:
+    scfg = step_lib.StepConfig(**{**scfg.__dict__, **step_cfg_overrides})
+  fn = step_lib.make_train_step(model, tx or real_tx, scfg, mesh, shard)
+  initial = jax.device_get(state)
+  metrics = []
+  for i in range(num_steps):
+    state, m = fn(state, pipeline.to_global_batch(_batch(cfg, layout, i), mesh))
+    metrics.append(jax.device_get(m))
+  return initial, jax.device_get(state), metrics
+
+
+def _assert_states_close(a, b, atol):
+  for name in ("params", "batch_stats", "prototypes"):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(getattr(a, name))[0],
+                            jax.tree_util.tree_leaves(getattr(b, name))):
+      np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5,
+                                 err_msg=f"{name}{jax.tree_util.keystr(path)}")
+
+
+def test_eight_devices_equal_one_device_sgd_three_steps():
+  assert len(jax.devices()) == 8
+  _, one, m1 = _run(1, 3, tx=optax.sgd(0.05))
+  _, eight, m8 = _run(8, 3, tx=optax.sgd(0.05))
+  assert int(one.step) == int(eight.step) == 3
+  _assert_states_close(one, eight, atol=2e-6)
+  for a, b in zip(m1, m8):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+
+
+def test_eight_devices_equal_one_device_adamw_step():
+  _, one, m1 = _run(1, 1)
+  _, eight, m8 = _run(8, 1)
+  _assert_states_close(one, eight, atol=1e-6)
+  np.testing.assert_allclose(m1[0]["loss/total"], m8[0]["loss/total"], rtol=1e-6)
+
+
+def test_step_compiles_once(monkeypatch):
+  monkeypatch.setattr(step_lib, "train_step", chex.assert_max_traces(step_lib.train_step, n=1))
+  _, state, metrics = _run(8, 3)
+  assert int(state.step) == 3 and np.isfinite(metrics[-1]["loss/total"])
+
+
+def test_prototypes_change_only_by_ema_and_only_with_confident_pixels():
+  before, after, _ = _run(1, 2, tx=optax.sgd(0.01))
+  assert not np.allclose(before.prototypes, after.prototypes)
+  # No pixel reaches the threshold: the EMA has nothing to follow, and no gradient ever reaches
+  # the prototypes, so they stay exactly as initialised.
+  before, after, _ = _run(1, 2, tx=optax.sgd(0.01), step_cfg_overrides=dict(proto_threshold=2.0))
+  np.testing.assert_array_equal(before.prototypes, after.prototypes)
+  assert "prototypes" not in str(jax.tree_util.tree_structure(after.opt_state))
+
+
+def test_proto_head_learns_only_from_the_prototype_loss():
+  before, after, _ = _run(1, 1, tx=optax.sgd(0.1), step_cfg_overrides=dict(phm_weight=0.0))
+  np.testing.assert_array_equal(
+      jax.tree_util.tree_leaves(before.params["proto_head"]),
+      jax.tree_util.tree_leaves(after.params["proto_head"]))
+  assert not np.allclose(before.params["heads_0"]["final_layer"]["kernel"],
+                         after.params["heads_0"]["final_layer"]["kernel"])
+  before, after, _ = _run(1, 1, tx=optax.sgd(0.1))
+  moved = [not np.allclose(x, y) for x, y in zip(
+      jax.tree_util.tree_leaves(before.params["proto_head"]),
+      jax.tree_util.tree_leaves(after.params["proto_head"]))]
+  assert any(moved)
+
+
+def test_non_divisible_batch_fails_loudly():
+  cfg, _, _ = _setup()
+  mesh = sharding.make_mesh(cfg.mesh)
+  with pytest.raises(ValueError, match="not divisible by 8 devices"):
+    sharding.check_batch_size(12, mesh)
