@@ -10,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from posebh_jax.main_train import setup_logging
+from posebh_jax.cli_logging import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)

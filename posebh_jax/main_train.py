@@ -8,10 +8,10 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
+
+from posebh_jax.cli_logging import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
@@ -19,19 +19,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Job directory: checkpoints, eve
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / GPU clusters).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def setup_logging() -> None:
-  """Our progress at INFO on stderr; libraries (orbax, grain, absl) only at WARNING."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  log = logging.getLogger("posebh")
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    log.addHandler(handler)
-  log.setLevel(logging.INFO)
-  log.propagate = False
 
 
 def main(argv) -> None:

@@ -128,4 +128,4 @@ def ema_update(
   counts = counts[:-1].reshape(num_kpts, num_in_class, 1)
   mean = l2_normalize(sums)
   updated = l2_normalize(gamma * p + (1.0 - gamma) * mean)
-  return jnp.where(counts > 0, updated, p)
+  return jnp.where(counts > 0, updated, prototypes)  # Untouched prototypes stay bit-identical.

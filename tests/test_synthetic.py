@@ -253,6 +253,19 @@ def test_left_limbs_are_darker_than_right():
   assert total > 20 and wins / total > 0.8
 
 
+def test_quadruped_left_paws_are_lighter_than_right():
+  """The quadruped's local side cue: light paws on the left legs, dark ones on the right."""
+  wins = total = 0
+  for s in _samples("quadruped", 30):
+    for end in ("front", "back"):
+      (lx, ly, lv), (rx, ry, rv) = (s.keypoints[f"left_{end}_paw"],
+                                    s.keypoints[f"right_{end}_paw"])
+      if lv == 2 and rv == 2 and np.hypot(lx - rx, ly - ry) > 8:
+        total += 1
+        wins += _patch(s.image, lx, ly).mean() > _patch(s.image, rx, ry).mean()
+  assert total > 20 and wins / total > 0.8
+
+
 def test_quadrupeds_face_both_ways():
   facing = [np.sign(s.keypoints["nose"][0] - s.keypoints["tail_root"][0])
             for s in _samples("quadruped", 20)]

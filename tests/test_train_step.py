@@ -16,7 +16,7 @@ import pytest
 from configs import synthetic
 from data_pipelines import pipeline
 from posebh_jax import experiment
-from posebh_jax.train import loop, sharding, step as step_lib
+from posebh_jax.train import loop, optimizer, sharding, step as step_lib
 
 
 def _setup():
@@ -55,8 +55,8 @@ def _run(num_devices, num_steps, tx=None, step_cfg_overrides=None):
   return initial, jax.device_get(state), metrics
 
 
-def _assert_states_close(a, b, atol):
-  for name in ("params", "batch_stats", "prototypes"):
+def _assert_states_close(a, b, atol, names=("params", "batch_stats", "prototypes")):
+  for name in names:
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(getattr(a, name))[0],
                             jax.tree_util.tree_leaves(getattr(b, name))):
       np.testing.assert_allclose(x, y, atol=atol, rtol=1e-5,
@@ -75,10 +75,24 @@ def test_eight_devices_equal_one_device_sgd_three_steps():
 
 
 def test_eight_devices_equal_one_device_adamw_step():
-  _, one, m1 = _run(1, 1)
+  before, one, m1 = _run(1, 1)
   _, eight, m8 = _run(8, 1)
-  _assert_states_close(one, eight, atol=1e-6)
-  np.testing.assert_allclose(m1[0]["loss/total"], m8[0]["loss/total"], rtol=1e-6)
+  _assert_states_close(one, eight, atol=1e-6, names=("batch_stats", "prototypes"))
+  for k in m1[0]:
+    np.testing.assert_allclose(m1[0][k], m8[0][k], rtol=1e-5, err_msg=k)
+  # Adam's first step is lr·g/(|g|+eps): a gradient that is float noise around zero (e.g. a conv
+  # bias feeding BatchNorm) can flip sign between reduction orders. Allow that for a handful of
+  # elements, bounded by 2·lr, and nothing more.
+  lr0 = float(optimizer.learning_rate_schedule(synthetic.get_config("tiny").train)(0))
+  off = total = 0
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(one.params)[0],
+                          jax.tree_util.tree_leaves(eight.params)):
+    off += int(np.sum(np.abs(x - y) > 1e-6 + 1e-5 * np.abs(x)))
+    total += x.size
+    assert np.all(np.abs(x - y) <= 2 * lr0 + 1e-6), jax.tree_util.keystr(path)
+  assert off / total <= 2e-3, (off, total)
+  assert any(np.abs(x - x0).max() > 0 for x, x0 in zip(jax.tree_util.tree_leaves(one.params),
+                                                        jax.tree_util.tree_leaves(before.params)))
 
 
 def test_step_compiles_once(monkeypatch):
@@ -99,9 +113,9 @@ def test_prototypes_change_only_by_ema_and_only_with_confident_pixels():
 
 def test_proto_head_learns_only_from_the_prototype_loss():
   before, after, _ = _run(1, 1, tx=optax.sgd(0.1), step_cfg_overrides=dict(phm_weight=0.0))
-  np.testing.assert_array_equal(
-      jax.tree_util.tree_leaves(before.params["proto_head"]),
-      jax.tree_util.tree_leaves(after.params["proto_head"]))
+  for x, y in zip(jax.tree_util.tree_leaves(before.params["proto_head"]),
+                  jax.tree_util.tree_leaves(after.params["proto_head"])):
+    np.testing.assert_array_equal(x, y)
   assert not np.allclose(before.params["heads_0"]["final_layer"]["kernel"],
                          after.params["heads_0"]["final_layer"]["kernel"])
   before, after, _ = _run(1, 1, tx=optax.sgd(0.1))
@@ -116,3 +130,15 @@ def test_non_divisible_batch_fails_loudly():
   mesh = sharding.make_mesh(cfg.mesh)
   with pytest.raises(ValueError, match="not divisible by 8 devices"):
     sharding.check_batch_size(12, mesh)
+
+
+def test_prototype_loss_does_not_reach_the_backbone_when_detached():
+  # Only the prototype-heatmap loss: the detached backbone (the default) must not move, while the
+  # prototype head does.
+  before, after, _ = _run(1, 1, tx=optax.sgd(0.1), step_cfg_overrides=dict(heatmap_weight=0.0))
+  for x, y in zip(jax.tree_util.tree_leaves(before.params["backbone"]),
+                  jax.tree_util.tree_leaves(after.params["backbone"])):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.allclose(x, y) for x, y in zip(
+      jax.tree_util.tree_leaves(before.params["proto_head"]),
+      jax.tree_util.tree_leaves(after.params["proto_head"])))

@@ -35,7 +35,7 @@ from data_pipelines.skeletons import SYNTHETIC_SKELETONS
 from data_pipelines.synthetic import render
 
 # Bump when the renderer or the file format changes, so cached datasets are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val")
 JPEG_QUALITY = 90
 MANIFEST = "manifest.json"

@@ -294,6 +294,9 @@ def _quadruped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_P
 
   It faces image right or left at random. The near side (right when facing right, left when
   facing left) has its legs painted last; both sides keep the left-dark/right-light shading.
+  In a side view the shading alone is a weak, relative cue (the two legs of a pair are rarely
+  seen side by side), so the left legs also wear light "socks" and light paws: a local cue that
+  says which leg is which, while finding the joints stays as hard as before.
 
   Returns:
     landmarks: name → [2] position, for every name in QUADRUPED_LANDMARKS.
@@ -328,10 +331,11 @@ def _quadruped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_P
     d2 = math.cos(ang) * down + math.sin(ang) * fwd
     lm[k3] = lm[k2] + d2 * u(0.2, 0.3) * leg_scale
     color, joint = _side_color(fur, side), _side_color(accent, side)
+    lower, paw = (_light(fur, 0.7), _light(fur, 0.85)) if side == "left" else (color, _dark(fur, 0.3))
     legs[side] += [
         _Stroke(np.stack([lm[k1], lm[k2]]), leg_w, color),
-        _Stroke(np.stack([lm[k2], lm[k3]]), leg_w * 0.8, color),
-        _Disk(lm[k3], leg_w * 0.75, _dark(fur, 0.3)),
+        _Stroke(np.stack([lm[k2], lm[k3]]), leg_w * 0.8, lower),
+        _Disk(lm[k3], leg_w * 0.75, paw),
         _Disk(lm[k1], leg_w * 0.6, joint),
         _Disk(lm[k2], leg_w * 0.55, joint),
     ]

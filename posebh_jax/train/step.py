@@ -87,8 +87,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     prototypes = proto_lib.ema_update(
         state.prototypes, embedding, target, weight, dataset_index, global_index,
         gamma=cfg.proto_gamma, threshold=cfg.proto_threshold)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["param_norm"] = optax.global_norm(params)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["param_norm"] = optax.tree.norm(params)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, prototypes=prototypes)
   return new_state, metrics
