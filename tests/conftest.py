@@ -21,3 +21,13 @@ def shared_dir() -> pathlib.Path:
   if not SHARED.is_dir():
     pytest.skip(f"../shared not found at {SHARED}: golden/sample data tests need it")
   return SHARED
+
+
+def load_golden(name: str) -> dict:
+  """Arrays of `../shared/golden/<name>` (an .npz); skips the calling test where it is absent."""
+  import numpy as np
+  path = SHARED / "golden" / name
+  if not path.exists():
+    pytest.skip(f"../shared not found: {path} is missing (golden reference data)")
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}

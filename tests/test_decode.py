@@ -5,16 +5,14 @@ Goldens: `decode.npz` (see the golden README).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_golden
 
 from posebh_jax.evaluation import decode
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-GOLDEN = SHARED / 'golden' / 'decode.npz'
 
 # suffix -> keypoints_from_heatmaps kwargs (golden README, "decode.npz" settings table).
 SETTINGS = {
@@ -32,10 +30,7 @@ JAX_ATOL = 5e-4
 
 @pytest.fixture(scope='module')
 def golden() -> dict[str, np.ndarray]:
-  if not GOLDEN.exists():
-    pytest.skip(f'../shared not found: {GOLDEN} is missing')
-  with np.load(GOLDEN) as data:
-    return {k: data[k] for k in data.files}
+  return load_golden('decode.npz')
 
 
 def _inputs(golden: dict[str, np.ndarray], prefix: str):

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_golden
 
 from posebh_jax.evaluation import nms, pck
 
-SHARED = Path(__file__).resolve().parents[1].parent / 'shared'
-GOLDEN = SHARED / 'golden' / 'oks_nms.npz'
 
 
 @pytest.fixture(scope='module')
 def golden() -> dict[str, np.ndarray]:
-  if not GOLDEN.exists():
-    pytest.skip(f'../shared not found: {GOLDEN} is missing')
-  with np.load(GOLDEN) as data:
-    return {k: data[k] for k in data.files}
+  return load_golden('oks_nms.npz')
 
 
 def _db(golden):
