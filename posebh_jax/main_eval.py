@@ -7,6 +7,9 @@ Prints the PCK table and writes <workdir>/eval/metrics_<step>.json.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,6 +30,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   from posebh_jax.train import loop
   from posebh_jax.train import sharding as sharding_lib
 
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(ckpt_dir):  # Check first: the checkpoint manager would create it.
+    raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
   layout = experiment.build_layout(config)
   model = experiment.build_model(config, layout)
   td_cfg = experiment.topdown_config(config, layout)
@@ -50,7 +56,11 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   setup_logging()
-  evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  from posebh_jax.train.checkpoint import CheckpointMismatchError
+  try:
+    evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  except (FileNotFoundError, CheckpointMismatchError) as e:
+    sys.exit(f"posebh-eval: {e}")
 
 
 def run() -> None:

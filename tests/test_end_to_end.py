@@ -101,3 +101,7 @@ def test_cli_trains_and_rejects_typos(tmp_path, data_root):
             f"--config.data.root={data_root}")
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "Evaluation at step 2" in ev.stdout
+  missing = _cli("posebh_jax.main_eval", "--config=configs/synthetic.py:tiny",
+                 f"--workdir={tmp_path / 'empty'}", f"--config.data.root={data_root}")
+  assert missing.returncode == 1 and "posebh-eval: no checkpoints in" in missing.stderr
+  assert not (tmp_path / "empty").exists()
