@@ -15,19 +15,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
-@pytest.fixture
-def shared_dir() -> pathlib.Path:
-  """../shared beside the repo; tests that need it skip (with this message) where it is absent."""
-  if not SHARED.is_dir():
-    pytest.skip(f"../shared not found at {SHARED}: golden/sample data tests need it")
-  return SHARED
+def shared_path(rel: str) -> pathlib.Path:
+  """`../shared/<rel>` beside the repo; skips the calling test (saying so) where it is absent.
+
+  The only place a test may skip: users' clones have no ../shared, CI always does.
+  """
+  path = SHARED / rel
+  if not path.exists():
+    pytest.skip(f"../shared not found: {path} is missing (golden/sample reference data)")
+  return path
 
 
 def load_golden(name: str) -> dict:
-  """Arrays of `../shared/golden/<name>` (an .npz); skips the calling test where it is absent."""
+  """Arrays of `../shared/golden/<name>` (an .npz)."""
   import numpy as np
-  path = SHARED / "golden" / name
-  if not path.exists():
-    pytest.skip(f"../shared not found: {path} is missing (golden reference data)")
-  with np.load(path) as data:
+  with np.load(shared_path(f"golden/{name}")) as data:
     return {k: data[k] for k in data.files}

@@ -11,20 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_golden, shared_path
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import (check_state_dict_shapes, convert_state_dict,
                                               expected_variables)
 from posebh_jax.models import ViTMoEConfig, tiny_reference_model, vitb_posebh, vith_posebh
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GOLDEN = SHARED / "golden"
-
-
 @pytest.fixture(scope="module")
 def golden() -> Path:
-  if not GOLDEN.is_dir():
-    pytest.skip(f"../shared not found: {GOLDEN} is missing (golden PyTorch reference data)")
-  return GOLDEN
+  return shared_path("golden")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +35,8 @@ def converted(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def golden_io(golden):
-  return dict(np.load(golden / "tiny_posebh_io.npz"))
+def golden_io():
+  return load_golden("tiny_posebh_io.npz")
 
 
 # --- Hand-built pickles (protocol 2 opcodes), as torch.save would write them. ---------------------

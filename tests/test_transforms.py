@@ -6,41 +6,33 @@ see `shared/golden/README.md`. Only the shared-data fixture may skip.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import load_golden, shared_path
 from data_pipelines import transforms as T
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGE_WH = (192, 256)
 HEATMAP_WH = (48, 64)
 COCO_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16))
 COCO_UPPER = tuple(range(11))
 
 
-def _shared(rel: str) -> Path:
-  path = SHARED / rel
-  if not path.exists():
-    pytest.skip(f"../shared not found: {path} is missing (shared data lives next to the repo)")
-  return path
-
-
 @pytest.fixture(scope="module")
 def targets_npz():
-  return dict(np.load(_shared("golden/targets.npz")))
+  return load_golden("targets.npz")
 
 
 @pytest.fixture(scope="module")
 def affine_npz():
-  return dict(np.load(_shared("golden/affine.npz")))
+  return load_golden("affine.npz")
 
 
 @pytest.fixture(scope="module")
 def image_rgb():
-  path = _shared("data/samples/coco/000000000785.jpg")
+  path = shared_path("data/samples/coco/000000000785.jpg")
   return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 

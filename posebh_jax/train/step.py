@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from data_pipelines import pipeline
 from posebh_jax import losses
 from posebh_jax import prototypes as proto_lib
+from posebh_jax.train import sharding
 from posebh_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -99,7 +101,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: Ste
                                                                 tuple[TrainState, dict]]:
   """jit-compiles `train_step` over the mesh: batch sharded on 'data', state replicated and
   donated (without donation the step's peak memory holds two copies of params and moments)."""
-  batch_sharding = NamedSharding(mesh, P("data"))
   step = lambda state, batch: train_step(state, batch, model=model, tx=tx, cfg=cfg)
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
