@@ -51,17 +51,44 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.use_proto_head = True
   c.model.dtype = "float32"
   c.model.proto = ml_collections.ConfigDict(dict(
-      deconv_filters=(256, 256), channels=64, out_channels=64, num_in_class=3, gamma=0.999,
-      update_threshold=0.5,
+      deconv_filters=(256, 256), channels=64, out_channels=64,
+      num_in_class=3,  # M prototypes per keypoint.
+      gamma=0.999,  # EMA momentum of the keypoint prototypes.
+      sinkhorn_epsilon=0.05, sinkhorn_iterations=3,
+      # Gumbel-max sampling of the in-class assignment that drives the EMA (spec §2.5 / §6.10);
+      # False uses the deterministic Sinkhorn argmax.
+      gumbel=True,
+      # Pixels whose target maximum exceeds this take part in prototype learning (reference 0.0).
+      sample_threshold=0.0,
+      num_clusters=96,  # C cluster prototypes (the reference's cp_size).
+      cluster_iterations=500, cluster_beta=20.0,
       # Prototype losses train the prototype head only (see PoseBHModel.proto_detach_backbone).
       detach_backbone=True))
 
   c.loss = ml_collections.ConfigDict(dict(
       heatmap_weight=1.0,
-      # Prototype-heatmap MSE (spec §2.6.3 step 4) trains the embedding head against the
-      # prototypes; the reference weight 3.33e-6 is tuned for fine-tuning from ViTPose++.
-      phm_weight=1.0,
+      # PixelPrototypeCE (spec §2.6.3): proto_weight · (ppc_weight·PPC + ppd_weight·PPD).
+      proto_weight=1.25e-5, ppc_weight=0.01, ppd_weight=0.001,
+      # Prototype-heatmap MSE (spec §2.6.3 step 4).
+      phm_weight=3.33e-6,
+      cps_weight=1.0e-2,  # Cluster-prototype supervision (spec §2.6.4).
+      css_weight=1.0e-3,  # Cross-type self-supervision (spec §2.6.5).
+      css_conf_thr=0.25, css_match_dist=2.1, css_sigma=2.0, css_dark_kernel=11,
   ))
+
+  # When the second PoseBH stage starts (reference: all at epoch 50). Steps; -1 = never.
+  c.schedule = ml_collections.ConfigDict(dict(
+      proto_freeze_step=-1,  # Keypoint prototypes stop their EMA updates.
+      cps_start_step=-1,  # Prototypes are clustered and the CPS loss starts.
+      css_start_step=-1,  # Cross-type self-supervision starts.
+  ))
+
+  # Reference-implementation behaviour per defect of spec §6 (posebh_jax/compat.py); all False =
+  # the intended behaviour.
+  c.reference_compat = ml_collections.ConfigDict(dict(
+      css_pseudo_keypoint=False, css_peak_distance=False, proto_logit_offset=False,
+      sinkhorn_local_column=False, correct_mask_local=False, cps_topk_sort=False,
+      cps_target_order=False))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,
@@ -70,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64, pck_thresholds=(0.05, 0.1), flip_test=False))
+
+  # Converted weights to start from when the workdir has no checkpoint yet (`posebh-convert`
+  # output, e.g. ViTPose++ for PoseBH, spec §3.1); "" = random initialisation.
+  c.init = ml_collections.ConfigDict(dict(weights=""))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis.
   return c

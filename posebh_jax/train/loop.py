@@ -40,7 +40,7 @@ def step_config(config: ml_collections.ConfigDict, layout) -> step_lib.StepConfi
       num_keypoints=layout.num_keypoints,
       global_index=tuple(tuple(int(x) for x in row) for row in layout.global_index()),
       heatmap_weight=config.loss.heatmap_weight, phm_weight=config.loss.phm_weight,
-      proto_gamma=config.model.proto.gamma, proto_threshold=config.model.proto.update_threshold,
+      proto_gamma=config.model.proto.gamma, proto_threshold=0.5,
       use_proto_head=config.model.use_proto_head)
 
 

@@ -1,0 +1,102 @@
+r"""PoseBH-B / PoseBH-H and the ViTPose++ multi-head baseline on the six real datasets (spec §1).
+
+  posebh-train --config=configs/posebh.py:b --workdir=gs://bucket/posebh_b \
+      --config.data.root=/data --config.init.weights=/ckpt/vitpose_plus_b_converted
+
+Arguments (`get_config(arg)`):
+  b, h                  PoseBH-B / PoseBH-H (ViTMoE + 6 heads + prototype head, two stages).
+  vitpose_b, vitpose_h  the ViTPose++ baseline: same backbone and heads, no prototype head,
+                        no prototype losses, no CPS/CSS.
+  tiny_reference        the tiny model of ../shared/golden/tiny_posebh.pth (checkpoint import
+                        tests and demos).
+  tiny                  PoseBH with a test-sized backbone and heads (seconds per step on CPU).
+
+Datasets are in dataset-index order: COCO, AIC, MPII, AP-10K, APT-36K, COCO-WholeBody; the
+annotation and image paths are relative to `data.root` (spec §4.1).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+# (name, skeleton, train annotations, val annotations, image dir, encoding), spec §4.1 / §5.1.
+_DATASETS = (
+    ("coco", "coco", "coco/annotations/person_keypoints_train2017.json",
+     "coco/annotations/person_keypoints_val2017.json", "coco/train2017", "udp"),
+    ("aic", "aic", "aic/annotations/aic_train.json", "aic/annotations/aic_val.json",
+     "aic/images", "msra"),
+    ("mpii", "mpii", "mpii/annotations/mpii_train.json", "mpii/annotations/mpii_val.json",
+     "mpii/images", "udp"),
+    ("ap10k", "ap10k", "ap10k/annotations/ap10k-train-split1.json",
+     "ap10k/annotations/ap10k-val-split1.json", "ap10k/data", "msra"),
+    ("apt36k", "apt36k", "ap36k/annotations/train_annotations_1.json",
+     "ap36k/annotations/val_annotations_1.json", "ap36k/images", "msra"),
+    ("coco_wholebody", "coco_wholebody", "coco/annotations/coco_wholebody_train_v1.0.json",
+     "coco/annotations/coco_wholebody_val_v1.0.json", "coco/train2017", "msra"),
+)
+
+# Reference iterations per epoch: the six training sets hold about 0.75 M instances, the
+# reference's global batch is 512 (4 GPUs × 128). Stage boundaries are at epochs 50 and 90.
+_STEPS_PER_EPOCH = 1460
+
+
+def _real_data(config: ml_collections.ConfigDict) -> None:
+  config.data.dataset_names = tuple(d[0] for d in _DATASETS)
+  for name, skeleton, train_ann, val_ann, image_dir, encoding in _DATASETS:
+    config.data.datasets[name] = common.dataset_entry(
+        skeleton=skeleton, train_ann=train_ann, val_ann=val_ann, image_dir=image_dir,
+        encoding=encoding)
+
+
+def _size_h(model: ml_collections.ConfigDict) -> None:
+  model.embed_dim = 1280
+  model.depth = 32
+  model.num_heads = 16
+  model.part_features = 320
+  model.drop_path_rate = 0.55
+
+
+def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
+  """Returns the config for `arg` (see the module docstring)."""
+  arg = arg or "b"
+  known = ("b", "h", "vitpose_b", "vitpose_h", "tiny_reference", "tiny")
+  if arg not in known:
+    raise ValueError(f"configs/posebh.py: unknown argument {arg!r}; expected one of {known}")
+  config = common.base_config()
+  _real_data(config)
+
+  if arg in ("h", "vitpose_h"):
+    _size_h(config.model)
+  if arg.startswith("vitpose"):
+    config.model.use_proto_head = False
+
+  train = config.train
+  train.batch_size = 512
+  train.learning_rate = 1e-3
+  train.weight_decay = 0.1
+  train.warmup_steps = 500
+  train.num_steps = 100 * _STEPS_PER_EPOCH
+  train.checkpoint_every = 10 * _STEPS_PER_EPOCH
+  if config.model.use_proto_head:
+    stage2 = 50 * _STEPS_PER_EPOCH
+    config.schedule.proto_freeze_step = stage2
+    config.schedule.cps_start_step = stage2
+    config.schedule.css_start_step = stage2
+
+  if arg == "tiny_reference":
+    # ../shared/golden/README.md "tiny_posebh.pth": ViTMoE 96-d, depth 2, 3 heads, part 24,
+    # heads (32, 32), prototype head (32, 32) → 16 channels, 16-d embedding, 96 clusters.
+    m = config.model
+    m.embed_dim, m.depth, m.num_heads, m.part_features, m.drop_path_rate = 96, 2, 3, 24, 0.0
+    m.head_deconv_filters = (32, 32)
+    m.proto.deconv_filters = (32, 32)
+    m.proto.channels = 16
+    m.proto.out_channels = 16
+  elif arg == "tiny":
+    common.make_tiny(config)
+    config.model.proto.num_clusters = 64
+    for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
+      config.schedule[name] = 2
+  return config
