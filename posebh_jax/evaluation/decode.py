@@ -7,7 +7,8 @@ Two families of functions live here:
   dtype promotions and operation order of the reference, so that float32 image coordinates
   (ulp ~3e-5 at 500 px) agree to within 1e-5;
 * `decode_heatmaps_jax`, a jittable, static-shape, batched decoder for the 'default'
-  (quarter offset), None (raw argmax) and DARK-UDP paths, usable on device.
+  (quarter offset), None (raw argmax) and DARK-UDP paths, usable on device, and its
+  heatmap-space DARK-UDP half `dark_udp_coords_jax` (also used by the CSS pseudo labels).
 
 Heatmaps are `[N, K, H, W]`; keypoint coordinates are `(x, y)` with x along W.
 """
@@ -456,6 +457,27 @@ def _quarter_offset_jax(coords: jax.Array, heatmaps: jax.Array) -> jax.Array:
   return coords + jnp.where(inside[..., None], jnp.sign(diff) * 0.25, 0.0)
 
 
+def dark_udp_coords_jax(heatmaps: jax.Array, kernel: int = 11) -> tuple[jax.Array, jax.Array]:
+  """Argmax + DARK-UDP refinement in heatmap pixels (`get_max_preds` + `post_dark_udp`), JAX.
+
+  The heatmap-space half of the UDP decoder, shared by `decode_heatmaps_jax` and the CSS pseudo
+  labels (spec §2.6.5 step 5). Not jitted itself; callers jit around it.
+
+  Args:
+    heatmaps: `[N, K, H, W]` heatmaps (cast to float32).
+    kernel: odd Gaussian kernel size of the DARK-UDP blur (static).
+
+  Returns:
+    coords: `[N, K, 2]` float32 refined (x, y) in heatmap pixels. Channels with max <= 0 start
+      from argmax -1 and are refined with the reference's previous-channel neighbours
+      (meaningless; callers should mask them).
+    maxvals: `[N, K]` float32 raw maxima (before the blur).
+  """
+  heatmaps = jnp.asarray(heatmaps, jnp.float32)
+  coords, maxvals, _ = _argmax_coords_jax(heatmaps)
+  return _dark_udp_jax(coords, heatmaps, kernel), maxvals[..., 0]
+
+
 @functools.partial(jax.jit, static_argnames=('use_udp', 'post_process', 'kernel'))
 def decode_heatmaps_jax(heatmaps: jax.Array, center: jax.Array, scale: jax.Array, *,
                         use_udp: bool, post_process: str | None = 'default',
@@ -491,11 +513,12 @@ def decode_heatmaps_jax(heatmaps: jax.Array, center: jax.Array, scale: jax.Array
   center = jnp.asarray(center, jnp.float32)
   scale = jnp.asarray(scale, jnp.float32) * 200.0
   _, _, h, w = heatmaps.shape
-  coords, maxvals, _ = _argmax_coords_jax(heatmaps)
   if use_udp:
-    coords = _dark_udp_jax(coords, heatmaps, kernel)
+    coords, maxvals = dark_udp_coords_jax(heatmaps, kernel)
+    maxvals = maxvals[..., None]
     unit = scale / jnp.array([w - 1.0, h - 1.0], jnp.float32)
   else:
+    coords, maxvals, _ = _argmax_coords_jax(heatmaps)
     if post_process == 'default':
       coords = _quarter_offset_jax(coords, heatmaps)
     unit = scale / jnp.array([w, h], jnp.float32)
