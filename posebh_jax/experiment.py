@@ -122,4 +122,5 @@ def checkpoint_meta(config: ml_collections.ConfigDict, layout: SkeletonLayout) -
                  patch_size=m.patch_size, part_features=m.part_features,
                  image_size=list(config.data.image_size),
                  head_deconv_filters=list(m.head_deconv_filters),
-                 use_proto_head=bool(m.use_proto_head), proto_dim=m.proto.out_channels))
+                 use_proto_head=bool(m.use_proto_head), proto_dim=m.proto.out_channels,
+                 num_clusters=m.proto.num_clusters))

@@ -55,14 +55,14 @@ def multi_head_heatmap_loss(
   return jnp.sum(per_head), per_head
 
 
-def per_dataset_joints_mse(
+def per_dataset_joints_mse_terms(
     pred: jax.Array,
     target: jax.Array,
     target_weight: jax.Array,
     dataset_index: jax.Array,
     num_keypoints: Sequence[int],
 ) -> jax.Array:
-  """Σ_d MSE_J over the samples of dataset d only, with d's own K_d (spec §2.6.3 step 4).
+  """MSE_J of each dataset d over its own samples only, with d's own K_d (spec §2.6.3 step 4).
 
   Args:
     pred: [B, K_max, H, W], each sample's own skeleton channels (padded).
@@ -72,14 +72,26 @@ def per_dataset_joints_mse(
     num_keypoints: K_d per dataset.
 
   Returns:
-    Scalar: the sum over datasets present in the batch of their mean losses.
+    [D] per-dataset mean losses; 0 for a dataset with no sample in the batch.
   """
   _, _, h, w = pred.shape
   wt = target_weight.astype(jnp.float32)[:, :, None, None]
   per_sample = jnp.sum(jnp.square(wt * pred.astype(jnp.float32) - wt * target), axis=(1, 2, 3))
-  total = jnp.zeros((), jnp.float32)
+  terms = []
   for d, k in enumerate(num_keypoints):
     is_d = (dataset_index == d).astype(jnp.float32)
     n_d = jnp.sum(is_d)
-    total += jnp.sum(per_sample * is_d) / (jnp.maximum(n_d, 1.0) * k * h * w)
-  return total
+    terms.append(jnp.sum(per_sample * is_d) / (jnp.maximum(n_d, 1.0) * k * h * w))
+  return jnp.stack(terms)
+
+
+def per_dataset_joints_mse(
+    pred: jax.Array,
+    target: jax.Array,
+    target_weight: jax.Array,
+    dataset_index: jax.Array,
+    num_keypoints: Sequence[int],
+) -> jax.Array:
+  """Σ_d of `per_dataset_joints_mse_terms` (the datasets present in the batch)."""
+  return jnp.sum(per_dataset_joints_mse_terms(pred, target, target_weight, dataset_index,
+                                              num_keypoints))

@@ -1,8 +1,11 @@
-r"""posebh-eval: evaluate a workdir's checkpoint on the config's held-out data.
+r"""posebh-eval: evaluate a workdir's checkpoint, or converted weights, on the held-out data.
 
   posebh-eval --config=configs/synthetic.py --workdir=/tmp/posebh_synthetic [--step=N]
+  posebh-eval --config=configs/posebh.py:b --weights=/ckpt/posebh_b_converted \
+      --workdir=/tmp/posebh_b_eval
 
-Prints the PCK table and writes <workdir>/eval/metrics_<step>.json.
+Prints the PCK table and writes <workdir>/eval/metrics_<step>.json; converted weights
+(`posebh-convert --out`) have no step and are written as metrics_0.json.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from posebh_jax.cli_logging import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Job directory holding checkpoints/.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Job directory holding checkpoints/ (with --weights: where results go).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "Converted weights (a posebh-convert --out directory) to evaluate instead "
+    "of a --workdir checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -52,13 +59,57 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   return loop.evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step)
 
 
+def load_eval_weights(config, weights_dir: str, model, layout, mesh):
+  """Converted weights for `model`, replicated over `mesh` (what `evaluate_weights` runs).
+
+  Returns:
+    `convert.weights.PretrainedWeights`; its `params` / `batch_stats` are what the evaluator
+    reads, as from a train state.
+
+  Raises:
+    FileNotFoundError: nothing converted at `weights_dir`.
+    CheckpointMismatchError: the weights do not fit `model` (leaves named).
+  """
+  from posebh_jax.convert import weights as weights_lib
+  from posebh_jax.train import sharding as sharding_lib
+
+  weights, _ = weights_lib.load_weights(
+      weights_dir, model, num_prototype_keypoints=layout.total_keypoints,
+      num_in_class=config.model.proto.num_in_class, sharding=sharding_lib.replicated(mesh))
+  return weights
+
+
+def evaluate_weights(config, weights_dir: str, workdir: str) -> dict:
+  """Evaluates converted weights (`posebh-convert --out`) on `config`'s held-out data.
+
+  Results go under `workdir` (eval/metrics_0.json: converted weights have no step).
+  """
+  from posebh_jax import experiment
+  from posebh_jax.train import loop
+  from posebh_jax.train import sharding as sharding_lib
+
+  layout = experiment.build_layout(config)
+  model = experiment.build_model(config, layout)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  weights = load_eval_weights(config, weights_dir, model, layout, mesh)  # Fail before the data.
+  td_cfg = experiment.topdown_config(config, layout)
+  files = experiment.resolve_dataset_files(config, workdir)
+  val_records, _ = experiment.load_records(config, layout, files, "val")
+  return loop.evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, weights, 0)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WEIGHTS.value is not None and _STEP.value is not None:
+    raise app.UsageError("--step selects a --workdir checkpoint; it does not apply to --weights")
   setup_logging()
   from posebh_jax.train.checkpoint import CheckpointMismatchError
   try:
-    evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
+    if _WEIGHTS.value is not None:
+      evaluate_weights(_CONFIG.value, _WEIGHTS.value, _WORKDIR.value)
+    else:
+      evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value)
   except (FileNotFoundError, CheckpointMismatchError) as e:
     sys.exit(f"posebh-eval: {e}")
 

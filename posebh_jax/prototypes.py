@@ -11,8 +11,8 @@ and class sums are `segment_sum`s with a static number of segments, so the updat
 jitted, sharded train step with no host round trip. Because the sums run over the *global* batch
 under `jit`, the update does not depend on how many devices the batch is split over.
 
-This module holds the foundation rule (hard in-class assignment by nearest prototype, class mean
-of confident pixels); the full ProtoSeg rule with Sinkhorn assignment is a separate function.
+The learning rule (Sinkhorn assignment, EMA update, prototype CE) is in
+`posebh_jax.prototype_learning`; this module holds the shared basics.
 """
 
 from __future__ import annotations
@@ -75,57 +75,3 @@ def gather_dataset_channels(per_keypoint: jax.Array, dataset_index: jax.Array,
   ids = global_index[dataset_index]  # [B, K_max]
   ids = ids.reshape(ids.shape + (1,) * (per_keypoint.ndim - 2))
   return jnp.take_along_axis(per_keypoint, ids, axis=1)
-
-
-def ema_update(
-    prototypes: jax.Array,
-    embedding: jax.Array,
-    target: jax.Array,
-    target_weight: jax.Array,
-    dataset_index: jax.Array,
-    global_index: jax.Array,
-    *,
-    gamma: float,
-    threshold: float,
-) -> jax.Array:
-  """One EMA step of the prototypes towards the class means of confident pixel embeddings.
-
-  A pixel belongs to keypoint class g (global id) if g's target is the largest of its sample's
-  channels there and exceeds `threshold`; it is assigned to the nearest of g's M in-class
-  prototypes. Each (g, m) with at least one pixel moves as
-  `P ← normalize(γ·P + (1−γ)·normalize(Σ f))`; the others stay as they are.
-
-  Args:
-    prototypes: [J, M, E].
-    embedding: [B, H, W, E] pixel embeddings (gradient is stopped here).
-    target: [B, K_max, H, W] Gaussian targets of each sample's own skeleton.
-    target_weight: [B, K_max]; keypoints with zero weight do not contribute.
-    dataset_index: [B] int.
-    global_index: [D, K_max] int.
-    gamma: EMA momentum (0.999 in the reference).
-    threshold: minimum target value of a pixel to count for its class.
-
-  Returns:
-    Updated prototypes [J, M, E], L2-normalised.
-  """
-  num_kpts, num_in_class, dim = prototypes.shape
-  f = l2_normalize(jax.lax.stop_gradient(embedding).astype(jnp.float32))  # [B, H, W, E]
-  t = target * (target_weight[:, :, None, None] > 0)  # Unlabelled keypoints never claim a pixel.
-  conf = jnp.max(t, axis=1)  # [B, H, W]
-  local = jnp.argmax(t, axis=1)  # [B, H, W]
-  valid = conf > threshold
-  g = jnp.take_along_axis(global_index[dataset_index][:, :, None, None],
-                          local[:, None], axis=1)[:, 0]  # [B, H, W] global class
-  p = l2_normalize(prototypes)
-  sim = jnp.abs(jnp.einsum("bhwe,bhwme->bhwm", f, p[g]))  # Only the pixel's own class.
-  m = jnp.argmax(sim, axis=-1)
-  seg = jnp.where(valid, g * num_in_class + m, num_kpts * num_in_class)  # Extra "drop" segment.
-  n_seg = num_kpts * num_in_class + 1
-  sums = jax.ops.segment_sum(f.reshape(-1, dim), seg.reshape(-1), num_segments=n_seg)
-  counts = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), seg.reshape(-1),
-                               num_segments=n_seg)
-  sums = sums[:-1].reshape(num_kpts, num_in_class, dim)
-  counts = counts[:-1].reshape(num_kpts, num_in_class, 1)
-  mean = l2_normalize(sums)
-  updated = l2_normalize(gamma * p + (1.0 - gamma) * mean)
-  return jnp.where(counts > 0, updated, prototypes)  # Untouched prototypes stay bit-identical.

@@ -8,6 +8,7 @@ since the last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,8 +22,10 @@ import tqdm
 
 from data_pipelines import pipeline
 from posebh_jax import experiment
+from posebh_jax.compat import ReferenceCompat
 from posebh_jax.evaluation import evaluator as evaluator_lib
 from posebh_jax.train import checkpoint as checkpoint_lib
+from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import sharding as sharding_lib
 from posebh_jax.train import state as state_lib
@@ -36,12 +39,48 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def step_config(config: ml_collections.ConfigDict, layout) -> step_lib.StepConfig:
+  """The first stage's static step settings (see `stage_config` for later stages)."""
+  loss, proto = config.loss, config.model.proto
   return step_lib.StepConfig(
-      num_keypoints=layout.num_keypoints,
-      global_index=tuple(tuple(int(x) for x in row) for row in layout.global_index()),
-      heatmap_weight=config.loss.heatmap_weight, phm_weight=config.loss.phm_weight,
-      proto_gamma=config.model.proto.gamma, proto_threshold=0.5,
-      use_proto_head=config.model.use_proto_head)
+      num_keypoints=tuple(layout.num_keypoints), heatmap_weight=loss.heatmap_weight,
+      use_proto_head=bool(config.model.use_proto_head), proto_weight=loss.proto_weight,
+      ppc_weight=loss.ppc_weight, ppd_weight=loss.ppd_weight, phm_weight=loss.phm_weight,
+      proto_gamma=proto.gamma, sinkhorn_epsilon=proto.sinkhorn_epsilon,
+      sinkhorn_iterations=proto.sinkhorn_iterations, gumbel=bool(proto.gumbel),
+      sample_threshold=proto.sample_threshold, cps_weight=loss.cps_weight,
+      css_weight=loss.css_weight, css_conf_thr=loss.css_conf_thr,
+      css_match_dist=loss.css_match_dist, css_sigma=loss.css_sigma,
+      css_dark_kernel=loss.css_dark_kernel,
+      compat=ReferenceCompat.from_mapping(config.reference_compat.to_dict()))
+
+
+def _started(start: int, step: int) -> bool:
+  return 0 <= start <= step
+
+
+def stage_config(config: ml_collections.ConfigDict, base: step_lib.StepConfig,
+                 step: int) -> step_lib.StepConfig:
+  """The step settings in force at optimizer step `step` (spec §3.2 stage schedule)."""
+  s = config.schedule
+  proto = bool(config.model.use_proto_head)
+  return dataclasses.replace(
+      base, update_prototypes=proto and not _started(s.proto_freeze_step, step),
+      cps=proto and _started(s.cps_start_step, step),
+      css=proto and _started(s.css_start_step, step))
+
+
+def validate_config(config: ml_collections.ConfigDict, layout) -> None:
+  """Checks the PoseBH settings that would otherwise fail deep inside a compiled step."""
+  s = config.schedule
+  if config.model.use_proto_head and s.cps_start_step >= 0:
+    c, j = config.model.proto.num_clusters, layout.total_keypoints
+    if not 0 < c < j:
+      raise ValueError(f"model.proto.num_clusters={c} must be in (0, {j}) (the number of "
+                       f"keypoints over all datasets; the reference skips C >= J)")
+    if 0 <= s.proto_freeze_step and s.proto_freeze_step > s.cps_start_step:
+      log.warning("CPS starts (step %d) before the prototypes freeze (step %d): the cluster "
+                  "table is taken from prototypes that keep moving", s.cps_start_step,
+                  s.proto_freeze_step)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model, layout, mesh):
@@ -54,7 +93,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, layout, mesh)
       model, lambda p: optimizer_lib.make_optimizer(config.train, p),
       image_size_hw=tuple(config.data.image_size),
       num_prototype_keypoints=layout.total_keypoints,
-      num_in_class=config.model.proto.num_in_class, embed_dim=config.model.proto.out_channels)
+      num_in_class=config.model.proto.num_in_class, embed_dim=config.model.proto.out_channels,
+      num_clusters=config.model.proto.num_clusters)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
   shardings = sharding_lib.state_shardings(mesh, abstract)
   abstract = jax.tree_util.tree_map(
@@ -74,6 +114,59 @@ def create_train_state(config: ml_collections.ConfigDict, model, layout, mesh):
   return state, abstract, shardings, tx
 
 
+def init_from_weights(config: ml_collections.ConfigDict, state, model, layout, state_shardings):
+  """A fresh run's start from converted weights (`init.weights`, e.g. ViTPose++; spec §3.1).
+
+  Parameters and BN statistics are replaced; prototypes and the cluster table only where the
+  weights hold them (a ViTPose++ checkpoint has none: they keep their fresh initialisation).
+  The optimizer state stays fresh.
+  """
+  from posebh_jax.convert import weights as weights_lib  # Only runs that start from weights.
+  w, meta = weights_lib.load_weights(
+      config.init.weights, model, num_prototype_keypoints=layout.total_keypoints,
+      num_in_class=config.model.proto.num_in_class)
+  put = lambda x, s: jax.device_put(x, s)
+  updates = dict(params=jax.tree_util.tree_map(put, w.params, state_shardings.params),
+                 batch_stats=jax.tree_util.tree_map(put, w.batch_stats,
+                                                    state_shardings.batch_stats))
+  loaded = ["params", "batch_stats"]
+  if w.prototypes is not None:
+    updates["prototypes"] = put(w.prototypes, state_shardings.prototypes)
+    loaded.append("prototypes")
+  if w.cluster_prototypes is not None and w.cluster_keypoint is not None:
+    if w.cluster_prototypes.shape != state.cluster_prototypes.shape:
+      log.warning("init.weights: cluster table %s differs from model.proto.num_clusters=%d; "
+                  "not loaded (CPS clusters at its start step)",
+                  tuple(w.cluster_prototypes.shape), config.model.proto.num_clusters)
+    else:
+      updates["cluster_prototypes"] = put(w.cluster_prototypes,
+                                          state_shardings.cluster_prototypes)
+      updates["cluster_keypoint"] = put(w.cluster_keypoint, state_shardings.cluster_keypoint)
+      loaded.append("cluster table")
+  log.info("initialised %s from converted weights %s (source: %s)", ", ".join(loaded),
+           config.init.weights, meta.get("source", "?"))
+  return state.replace(**updates)
+
+
+def cluster_state(config: ml_collections.ConfigDict, state, state_shardings):
+  """Start of CPS: clusters the keypoint prototypes into the cluster table (spec §3.3).
+
+  Deterministic in the prototypes, so a run resumed before this step recomputes the same table,
+  and one resumed after it restores the table from its checkpoint.
+  """
+  p = config.model.proto
+  compat = ReferenceCompat.from_mapping(config.reference_compat.to_dict())
+  table, keypoint = objective.init_clusters(
+      state.prototypes, p.num_clusters, iterations=p.cluster_iterations, beta=p.cluster_beta,
+      compat=compat)
+  # Same values on every host (deterministic), placed in the state's layout.
+  table = jax.device_put(table, state_shardings.cluster_prototypes)
+  keypoint = jax.device_put(keypoint, state_shardings.cluster_keypoint)
+  log.info("step %d: clustered %d keypoint prototypes into %d cluster prototypes (CPS)",
+           int(jax.device_get(state.step)), state.prototypes.shape[0], p.num_clusters)
+  return state.replace(cluster_prototypes=table, cluster_keypoint=keypoint)
+
+
 def _is_writer() -> bool:
   return jax.process_index() == 0
 
@@ -90,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Layout, model ------------------------------------------------------------------------------
   layout = experiment.build_layout(config)
+  validate_config(config, layout)
   model = experiment.build_model(config, layout)
   td_cfg = experiment.topdown_config(config, layout)
 
@@ -122,11 +216,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if latest is not None:
     state = ckpt.restore(latest, abstract_state, data_iter, meta)
     log.info("resumed from checkpoint at step %d (%s)", latest, ckpt.directory)
+  elif config.init.weights:
+    state = init_from_weights(config, state, model, layout, state_shardings)
   start_step = int(jax.device_get(state.step))
 
-  # --- Step ---------------------------------------------------------------------------------------
-  train_step = step_lib.make_train_step(model, tx, step_config(config, layout), mesh,
-                                        state_shardings)
+  # --- Step (one compiled function per stage) ----------------------------------------------
+  base_cfg = step_config(config, layout)
+  compiled: dict[step_lib.StepConfig, Any] = {}
+
+  def step_fn(step: int):
+    cfg = stage_config(config, base_cfg, step)
+    if cfg not in compiled:
+      log.info("step %d: compiling the train step for stage (prototype EMA %s, CPS %s, CSS %s)",
+               step, cfg.update_prototypes, cfg.cps, cfg.css)
+      compiled[cfg] = step_lib.make_train_step(model, tx, cfg, mesh, state_shardings)
+    return compiled[cfg]
 
   writer = None
   if _is_writer():
@@ -141,8 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t_log, steps_since_log = time.time(), 0
   try:
     for step in range(start_step, num_steps):
+      if config.model.use_proto_head and step == config.schedule.cps_start_step:
+        state = cluster_state(config, state, state_shardings)
       batch = pipeline.to_global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = step_fn(step)(state, batch)
       steps_since_log += 1
       bar.update(1)
       done = step + 1

@@ -8,6 +8,10 @@ Layout (every field is a jax.Array or a pytree of them, so orbax saves it as is)
   opt_state     pytree             optax state of `params`
   prototypes    [J, M, E]   f32    keypoint prototypes: non-gradient state, updated by EMA in
                                    the step, never seen by the optimizer
+  cluster_prototypes [C, M, E] f32 cluster prototypes for CPS (spec §2.6.4): a random
+                                   placeholder (as the reference's) until the CPS stage starts,
+                                   then the clustered keypoint prototypes, frozen
+  cluster_keypoint [C]      int32  global keypoint id nearest to each cluster (-1 before CPS)
   rng           key                base key; the step's key is fold_in(rng, step)
 
 Static things (the model definition, the optimizer's update rule, the skeleton layout) are not
@@ -34,6 +38,8 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   prototypes: jax.Array
+  cluster_prototypes: jax.Array
+  cluster_keypoint: jax.Array
   rng: jax.Array
 
 
@@ -45,6 +51,7 @@ def make_init_fn(
     num_prototype_keypoints: int,
     num_in_class: int,
     embed_dim: int,
+    num_clusters: int,
 ) -> Callable[[jax.Array], TrainState]:
   """Returns `init(rng) -> TrainState`, meant for `jax.jit(init, out_shardings=...)`.
 
@@ -52,7 +59,7 @@ def make_init_fn(
   state is created directly in its sharded layout, never materialised on one device first.
   """
   def init(rng: jax.Array) -> TrainState:
-    params_rng, drop_rng, proto_rng, state_rng = jax.random.split(rng, 4)
+    params_rng, drop_rng, proto_rng, cluster_rng, state_rng = jax.random.split(rng, 5)
     images = jnp.zeros((1,) + tuple(image_size_hw) + (3,), jnp.float32)
     variables = model.init({"params": params_rng, "droppath": drop_rng}, images,
                            jnp.zeros((1,), jnp.int32), train=False)
@@ -65,6 +72,9 @@ def make_init_fn(
         opt_state=tx.init(params),
         prototypes=proto_lib.init_prototypes(proto_rng, num_prototype_keypoints, num_in_class,
                                              embed_dim),
+        cluster_prototypes=proto_lib.init_prototypes(cluster_rng, num_clusters, num_in_class,
+                                                     embed_dim),
+        cluster_keypoint=jnp.full((num_clusters,), -1, jnp.int32),
         rng=state_rng,
     )
   return init

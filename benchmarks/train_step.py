@@ -1,0 +1,128 @@
+r"""Full PoseBH train step vs. the multi-head-only (ViTPose++) step, same backbone, one run.
+
+Both steps are the project's jitted train step (`posebh_jax.train.step.make_train_step`) on the
+same backbone, heads, batch and optimizer:
+
+  multi-head   ViTPose++: ViTMoE + one heatmap head per dataset, heatmap losses only.
+  posebh       + prototype head, prototype heatmaps, Sinkhorn prototype learning and PPCE,
+               cluster-prototype supervision (CPS) and cross-type self-supervision (CSS), i.e.
+               the second-stage step, the most expensive one (the first stage replaces CPS/CSS
+               by the EMA update).
+
+It prints the median step time of each, their ratio (the project's goal: ≤ 1.10 at PoseBH-B
+size), and FLOPs per image from XLA's cost analysis of each compiled step. On CPU only the
+ratio and the FLOPs are meaningful; absolute times count only on a GPU/TPU.
+
+  python benchmarks/train_step.py                        # PoseBH-B sizes, batch 2 (CPU: minutes)
+  python benchmarks/train_step.py --size=tiny --batch=8  # seconds
+  python benchmarks/train_step.py --batch=64             # on an accelerator
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs import posebh as posebh_configs
+from data_pipelines import pipeline
+from posebh_jax import experiment
+from posebh_jax.train import loop, sharding
+from posebh_jax.train import step as step_lib
+
+
+def _batch(config, layout, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of the six datasets in turn, with Gaussian-bump targets (realistic pixel sets)."""
+  rs = np.random.RandomState(seed)
+  (h, w), (hh, hw) = config.data.image_size, config.data.heatmap_size
+  k_max = layout.max_keypoints
+  ds = (np.arange(batch_size) % layout.num_datasets).astype(np.int32)
+  yy, xx = np.mgrid[0:hh, 0:hw]
+  cx = rs.uniform(0, hw, (batch_size, k_max))[..., None, None]
+  cy = rs.uniform(0, hh, (batch_size, k_max))[..., None, None]
+  target = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 8.0).astype(np.float32)
+  target[target < np.exp(-9.0)] = 0.0  # The generator's 13×13 truncation, roughly.
+  mask = layout.skeleton_mask()[ds]
+  weight = mask * (rs.rand(batch_size, k_max) > 0.2)
+  return dict(image=rs.randn(batch_size, h, w, 3).astype(np.float32),
+              target=target * weight[..., None, None].astype(np.float32),
+              target_weight=weight.astype(np.float32), dataset_index=ds,
+              skeleton_mask=mask)
+
+
+def _build(config, mesh, stage_step: int | None):
+  layout = experiment.build_layout(config)
+  model = experiment.build_model(config, layout)
+  state, _, shardings, tx = loop.create_train_state(config, model, layout, mesh)
+  cfg = loop.step_config(config, layout)
+  if stage_step is not None:
+    cfg = loop.stage_config(config, cfg, stage_step)
+    if cfg.cps:
+      state = loop.cluster_state(config, state, shardings)
+  fn = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
+  return layout, state, fn, cfg
+
+
+def _time(fn, state, batch, repeats: int) -> tuple[float, float, object]:
+  lowered = fn.lower(state, batch)
+  compiled = lowered.compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  state, m = fn(state, batch)  # Warm-up (the jit cache reuses the compilation above).
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    state, m = fn(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), flops, state
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", default="b", choices=("b", "h", "tiny"))
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=3)
+  a = p.parse_args()
+
+  base = posebh_configs.get_config(a.size)
+  mesh = sharding.make_mesh(base.mesh)
+  if a.batch % mesh.size:
+    raise SystemExit(f"--batch={a.batch} must be divisible by the {mesh.size} devices")
+
+  full = posebh_configs.get_config(a.size)
+  full.train.batch_size = a.batch
+  stage2 = max(full.schedule.cps_start_step, full.schedule.css_start_step)
+  layout, state_f, fn_f, cfg_f = _build(full, mesh, stage2)
+  assert cfg_f.cps and cfg_f.css and cfg_f.use_proto_head
+
+  mh = posebh_configs.get_config(a.size)
+  mh.train.batch_size = a.batch
+  mh.model.use_proto_head = False
+  _, state_m, fn_m, cfg_m = _build(mh, mesh, None)
+  assert not cfg_m.use_proto_head
+
+  batch = pipeline.to_global_batch(_batch(full, layout, a.batch), mesh)
+  t_m, flops_m, _ = _time(fn_m, state_m, batch, a.repeats)
+  t_f, flops_f, _ = _time(fn_f, state_f, batch, a.repeats)
+
+  m = full.model
+  print(f"device: {jax.devices()[0].device_kind} x{mesh.size}; size {a.size} (ViT {m.embed_dim}-d, "
+        f"depth {m.depth}), input {tuple(full.data.image_size)}, global batch {a.batch}, "
+        f"{a.repeats} timed steps each (median)")
+  print(f"multi-head step (ViTPose++):        {t_m * 1e3:10.1f} ms   "
+        f"{flops_m / a.batch / 1e9:8.2f} GFLOP/image")
+  print(f"PoseBH step (proto + CPS + CSS):    {t_f * 1e3:10.1f} ms   "
+        f"{flops_f / a.batch / 1e9:8.2f} GFLOP/image")
+  print(f"overhead ratio (time):  {t_f / t_m:.3f}   (goal <= 1.10)")
+  print(f"overhead ratio (FLOPs): {flops_f / flops_m:.3f}")
+
+
+if __name__ == "__main__":
+  main()
