@@ -21,7 +21,6 @@ ratio and the FLOPs are meaningful; absolute times count only on a GPU/TPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 

@@ -5,7 +5,10 @@ r"""PoseBH-B / PoseBH-H and the ViTPose++ multi-head baseline on the six real da
 
 Arguments (`get_config(arg)`):
   b, h                  PoseBH-B / PoseBH-H (ViTMoE + 6 heads + prototype head, two stages).
-  vitpose_b, vitpose_h  the ViTPose++ baseline: same backbone and heads, no prototype head,
+  s, l                  the same recipe on ViT-S (384-d, depth 12) / ViT-L (1024-d, depth 24);
+                        not in the reference's release: head dim 64, expert width D/4 as in
+                        B and H.
+  vitpose_{s,b,l,h}     the ViTPose++ baseline: same backbone and heads, no prototype head,
                         no prototype losses, no CPS/CSS.
   tiny_reference        the tiny model of ../shared/golden/tiny_posebh.pth (checkpoint import
                         tests and demos).
@@ -50,25 +53,34 @@ def _real_data(config: ml_collections.ConfigDict) -> None:
         encoding=encoding)
 
 
-def _size_h(model: ml_collections.ConfigDict) -> None:
-  model.embed_dim = 1280
-  model.depth = 32
-  model.num_heads = 16
-  model.part_features = 320
-  model.drop_path_rate = 0.55
+# (embed_dim, depth, num_heads, part_features, drop_path_rate) per size; B and H are spec §1,
+# S and L follow ViTPose's S/L backbones with the expert slice at D/4 like B and H.
+_SIZES = {
+    "s": (384, 12, 6, 96, 0.1),
+    "b": (768, 12, 12, 192, 0.3),
+    "l": (1024, 24, 16, 256, 0.5),
+    "h": (1280, 32, 16, 320, 0.55),
+}
+
+
+def _set_size(model: ml_collections.ConfigDict, size: str) -> None:
+  (model.embed_dim, model.depth, model.num_heads, model.part_features,
+   model.drop_path_rate) = _SIZES[size]
 
 
 def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
   """Returns the config for `arg` (see the module docstring)."""
   arg = arg or "b"
-  known = ("b", "h", "vitpose_b", "vitpose_h", "tiny_reference", "tiny")
+  known = ("s", "b", "l", "h", "vitpose_s", "vitpose_b", "vitpose_l", "vitpose_h",
+           "tiny_reference", "tiny")
   if arg not in known:
     raise ValueError(f"configs/posebh.py: unknown argument {arg!r}; expected one of {known}")
   config = common.base_config()
   _real_data(config)
 
-  if arg in ("h", "vitpose_h"):
-    _size_h(config.model)
+  size = arg.removeprefix("vitpose_")
+  if size in _SIZES:
+    _set_size(config.model, size)
   if arg.startswith("vitpose"):
     config.model.use_proto_head = False
 
