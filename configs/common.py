@@ -106,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def set_stage2(c: ml_collections.ConfigDict, step: int) -> None:
+  """The reference's stage change at one step: prototypes freeze, CPS and CSS start (-1: never)."""
+  for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
+    c.schedule[name] = step
+
+
 def make_tiny(c: ml_collections.ConfigDict) -> None:
   """Shrinks a config in place to test size: seconds per step on one CPU core."""
   c.data.image_size = (64, 48)

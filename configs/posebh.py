@@ -92,10 +92,7 @@ def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
   train.num_steps = 100 * _STEPS_PER_EPOCH
   train.checkpoint_every = 10 * _STEPS_PER_EPOCH
   if config.model.use_proto_head:
-    stage2 = 50 * _STEPS_PER_EPOCH
-    config.schedule.proto_freeze_step = stage2
-    config.schedule.cps_start_step = stage2
-    config.schedule.css_start_step = stage2
+    common.set_stage2(config, 50 * _STEPS_PER_EPOCH)
 
   if arg == "tiny_reference":
     # ../shared/golden/README.md "tiny_posebh.pth": ViTMoE 96-d, depth 2, 3 heads, part 24,
@@ -109,6 +106,5 @@ def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
   elif arg == "tiny":
     common.make_tiny(config)
     config.model.proto.num_clusters = 64
-    for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
-      config.schedule[name] = 2
+    common.set_stage2(config, 2)
   return config

@@ -114,21 +114,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Two stages as in the reference (spec §3.2), at 2/3 of the run instead of epoch 50 of 100:
   # prototypes EMA-updated first, then frozen, clustered (CPS) and used for CSS pseudo labels.
-  for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
-    config.schedule[name] = 600
+  common.set_stage2(config, 600)
 
   config.eval.batch_size = 64
 
   if "baseline" in opts:
     model.use_proto_head = False
-    for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
-      config.schedule[name] = -1
+    common.set_stage2(config, -1)
 
   if "tiny" in opts:
     common.make_tiny(config)
     data.synthetic.num_train = 24
     data.synthetic.num_val = 8
     data.synthetic.image_size = (96, 96)
-    for name in ("proto_freeze_step", "cps_start_step", "css_start_step"):
-      config.schedule[name] = 2
+    common.set_stage2(config, -1 if "baseline" in opts else 2)
   return config

@@ -311,13 +311,15 @@ SYNTH_COCO = SkeletonInfo(
 _AIC_NAMES = ("right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
               "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee",
               "left_ankle", "head_top", "neck")
+_AIC_SIGMAS = (0.01388152, 0.01515228, 0.01057665, 0.01417709, 0.01497891, 0.01402144, 0.03909642,
+               0.03686941, 0.01981803, 0.03843971, 0.03412318, 0.02415081, 0.01291456,
+               0.01236173)
 
 SYNTH_AIC = SkeletonInfo(
     name="synth_aic",
     keypoint_names=_AIC_NAMES,
     swap=_lr_swap(_AIC_NAMES),
-    sigmas=(0.01388152, 0.01515228, 0.01057665, 0.01417709, 0.01497891, 0.01402144, 0.03909642,
-            0.03686941, 0.01981803, 0.03843971, 0.03412318, 0.02415081, 0.01291456, 0.01236173),
+    sigmas=_AIC_SIGMAS,
     upper_body=(True,) * 6 + (False,) * 6 + (True, True),
     body_type="biped",
     limbs=_limbs(_AIC_NAMES, [
@@ -426,8 +428,7 @@ AIC = SkeletonInfo(
     name="aic",
     keypoint_names=_AIC_NAMES,
     swap=_lr_swap(_AIC_NAMES),
-    sigmas=(0.01388152, 0.01515228, 0.01057665, 0.01417709, 0.01497891, 0.01402144, 0.03909642,
-            0.03686941, 0.01981803, 0.03843971, 0.03412318, 0.02415081, 0.01291456, 0.01236173),
+    sigmas=_AIC_SIGMAS,
     upper_body=(True,) * 6 + (False,) * 6 + (True, True),
     body_type="biped",
     limbs=_AIC_LIMBS,
