@@ -610,6 +610,19 @@ def get_skeleton(name: str) -> SkeletonInfo:
     raise KeyError(f"unknown skeleton {name!r}; known: {sorted(SKELETONS)}") from None
 
 
+def keypoint_offsets(num_keypoints: Sequence[int]) -> tuple[int, ...]:
+  """Global id of each dataset's first keypoint in the shared prototype space (spec §1)."""
+  return tuple(int(x) for x in np.cumsum((0,) + tuple(num_keypoints)[:-1]))
+
+
+def global_index_table(num_keypoints: Sequence[int]) -> np.ndarray:
+  """[D, K_max] int32: global keypoint id of (dataset d, channel k); 0 for padded channels."""
+  g = np.zeros((len(num_keypoints), max(num_keypoints)), np.int32)
+  for d, (o, k) in enumerate(zip(keypoint_offsets(num_keypoints), num_keypoints)):
+    g[d, :k] = np.arange(o, o + k)
+  return g
+
+
 @dataclasses.dataclass(frozen=True)
 class SkeletonLayout:
   """How several datasets' skeletons share one padded channel space and one prototype space.
@@ -638,7 +651,7 @@ class SkeletonLayout:
 
   @property
   def offsets(self) -> tuple[int, ...]:
-    return tuple(int(x) for x in np.cumsum((0,) + self.num_keypoints[:-1]))
+    return keypoint_offsets(self.num_keypoints)
 
   def skeleton_mask(self) -> np.ndarray:
     """[D, K_max] float32: 1 where channel k exists in dataset d's skeleton."""
@@ -649,7 +662,4 @@ class SkeletonLayout:
 
   def global_index(self) -> np.ndarray:
     """[D, K_max] int32: global keypoint id of (dataset d, channel k); 0 for padded channels."""
-    g = np.zeros((self.num_datasets, self.max_keypoints), np.int32)
-    for d, (o, k) in enumerate(zip(self.offsets, self.num_keypoints)):
-      g[d, :k] = np.arange(o, o + k)
-    return g
+    return global_index_table(self.num_keypoints)

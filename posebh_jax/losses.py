@@ -83,15 +83,3 @@ def per_dataset_joints_mse_terms(
     n_d = jnp.sum(is_d)
     terms.append(jnp.sum(per_sample * is_d) / (jnp.maximum(n_d, 1.0) * k * h * w))
   return jnp.stack(terms)
-
-
-def per_dataset_joints_mse(
-    pred: jax.Array,
-    target: jax.Array,
-    target_weight: jax.Array,
-    dataset_index: jax.Array,
-    num_keypoints: Sequence[int],
-) -> jax.Array:
-  """Σ_d of `per_dataset_joints_mse_terms` (the datasets present in the batch)."""
-  return jnp.sum(per_dataset_joints_mse_terms(pred, target, target_weight, dataset_index,
-                                              num_keypoints))

@@ -34,10 +34,11 @@ def test_per_dataset_mse_uses_own_samples_and_own_k():
   target = rs.rand(3, 4, 2, 2).astype(np.float32)
   weight = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], np.float32)
   ds = np.array([0, 1, 1], np.int32)
-  got = losses.per_dataset_joints_mse(jnp.asarray(pred), target, weight, ds, (4, 2))
+  got = jnp.sum(losses.per_dataset_joints_mse_terms(jnp.asarray(pred), target, weight, ds, (4, 2)))
   err = weight[:, :, None, None] ** 2 * (pred - target) ** 2
   expected = err[0].sum() / (1 * 4 * 4) + err[1:].sum() / (2 * 2 * 4)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   # A dataset absent from the batch contributes nothing (no division by zero).
-  got = losses.per_dataset_joints_mse(jnp.asarray(pred), target, weight, ds, (4, 2, 3))
+  got = jnp.sum(losses.per_dataset_joints_mse_terms(jnp.asarray(pred), target, weight, ds,
+                                                   (4, 2, 3)))
   np.testing.assert_allclose(got, expected, rtol=1e-6)

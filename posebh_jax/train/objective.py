@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import skeletons
 from posebh_jax import clustering
 from posebh_jax import css as css_lib
 from posebh_jax import losses
@@ -82,7 +83,7 @@ class ObjectiveConfig:
   @property
   def offsets(self) -> tuple[int, ...]:
     """Global id of each dataset's first keypoint (spec §1 table)."""
-    return tuple(int(x) for x in np.cumsum((0,) + self.num_keypoints[:-1]))
+    return skeletons.keypoint_offsets(self.num_keypoints)
 
   @property
   def total_keypoints(self) -> int:
@@ -121,8 +122,7 @@ def _class_heatmap(sim_flat: jax.Array, num_classes: int, num_in_class: int,
                    shape_bhw: tuple[int, int, int]) -> jax.Array:
   """clip(max_m |cos|, 1e-4, 1 − 1e-4) as heatmaps [B, K, H, W] (spec §2.4 'phm')."""
   b, h, w = shape_bhw
-  s = jnp.max(sim_flat.reshape(-1, num_classes, num_in_class), axis=-1)
-  s = jnp.clip(s, 1e-4, 1.0 - 1e-4)
+  s = jnp.clip(pl.class_similarity(sim_flat, num_in_class), 1e-4, 1.0 - 1e-4)
   return jnp.transpose(s.reshape(b, h, w, num_classes), (0, 3, 1, 2))
 
 
@@ -198,7 +198,7 @@ def posebh_objective(
   # A dataset whose samples have no target pixel at all is skipped by the reference, phm too.
   has_pixels = jax.ops.segment_sum(valid.astype(jnp.float32), dataset,
                                    num_segments=num_datasets) > 0
-  global_index = jnp.asarray(_global_index(nkp))
+  global_index = jnp.asarray(skeletons.global_index_table(nkp))
   phm_own = proto_lib.gather_dataset_channels(phm, dataset_index, global_index)
   phm_terms = losses.per_dataset_joints_mse_terms(phm_own, target, weight, dataset_index, nkp)
   phm_loss = jnp.sum(jnp.where(has_pixels, phm_terms, 0.0))
@@ -257,16 +257,6 @@ def posebh_objective(
 
   metrics["loss/total"] = total
   return total, metrics, new_prototypes
-
-
-def _global_index(num_keypoints: tuple[int, ...]) -> np.ndarray:
-  """[D, K_max] global keypoint id of (dataset, channel); padding channels point at 0."""
-  k_max = max(num_keypoints)
-  offsets = np.cumsum((0,) + tuple(num_keypoints[:-1]))
-  out = np.zeros((len(num_keypoints), k_max), np.int32)
-  for d, (s, k) in enumerate(zip(offsets, num_keypoints)):
-    out[d, :k] = np.arange(s, s + k)
-  return out
 
 
 def init_clusters(prototypes: Any, num_clusters: int, *, iterations: int, beta: float,
