@@ -110,7 +110,8 @@ def test_unusable_instances_are_skipped_and_counted(tmp_path):
   path = _write(tmp_path, _coco(tmp_path, anns))
   recs, report = _read(path, tmp_path)
   assert [r["ann_id"] for r in recs] == [1]
-  assert report.skipped == {"non-finite keypoints": 1, "empty box": 2, "crowd": 1,
+  assert report.skipped == {"non-finite keypoints": 1, "zero-area box": 1,
+                            "box outside image": 1, "crowd": 1,
                             "no labelled keypoint": 1, "malformed box": 1}
   assert "kept 1 instances; skipped 6" in str(report)
 
