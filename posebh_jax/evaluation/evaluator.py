@@ -16,15 +16,12 @@ import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
-import grain
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from data_pipelines import pipeline
 from data_pipelines.skeletons import SkeletonLayout
-from posebh_jax.evaluation import decode, pck
+from posebh_jax.evaluation import pck, predict
 
 
 @dataclasses.dataclass
@@ -41,21 +38,17 @@ class PCKEvaluator:
 
   def __init__(self, model: nn.Module, layout: SkeletonLayout, dataset_names: Sequence[str],
                val_records: Sequence[Sequence[Mapping[str, Any]]], cfg: pipeline.TopDownConfig,
-               mesh: Mesh, *, batch_size: int, thresholds: Sequence[float] = (0.05, 0.1)):
+               mesh: Mesh, *, batch_size: int, thresholds: Sequence[float] = (0.05, 0.1),
+               flip_test: bool = False):
     n_dev = mesh.devices.size
     if batch_size % n_dev:
       raise ValueError(f"eval.batch_size={batch_size} is not divisible by {n_dev} devices")
     self.model, self.layout, self.names = model, layout, tuple(dataset_names)
     self.val_records, self.cfg, self.mesh = val_records, cfg, mesh
     self.batch_size, self.thresholds = batch_size, tuple(thresholds)
-
-    def forward(params, batch_stats, images, dataset_index):
-      out = model.apply({"params": params, "batch_stats": batch_stats}, images, dataset_index,
-                        train=False)
-      return out.heatmaps
-    self._forward = jax.jit(forward)
-    self._decode = jax.jit(decode.decode_heatmaps_jax, static_argnames=("use_udp",
-                                                                        "post_process"))
+    # One jitted crops → keypoints function per skeleton (forward, flip test, decode on device).
+    self.predictor = predict.TopDownPredictor(model, cfg, batch_size=batch_size,
+                                              flip_test=flip_test, mesh=mesh)
 
   def pairs(self) -> list[tuple[int, int]]:
     """(image dataset b, skeleton dataset a) pairs that have ground truth."""
@@ -69,30 +62,9 @@ class PCKEvaluator:
     return out
 
   def _predict(self, params, batch_stats, records, a: int) -> np.ndarray:
-    """Image-space predictions [N, K_a, 2] of skeleton a on `records`."""
-    use_udp = self.cfg.use_udp(a)
-    transform = pipeline.TopDownEvalTransform(self.cfg, use_udp=use_udp)
-    ds = grain.MapDataset.source(list(records)).map(transform)
-    preds = []
-    bs = self.batch_size
-    for start in range(0, len(ds), bs):
-      items = [ds[i] for i in range(start, min(start + bs, len(ds)))]
-      n = len(items)
-      images = np.stack([it["image"] for it in items])
-      centers = np.stack([it["center"] for it in items])
-      scales = np.stack([it["scale"] for it in items])
-      if n < bs:  # Pad to a fixed batch so the forward compiles once.
-        pad = bs - n
-        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-        centers = np.concatenate([centers, np.ones((pad, 2), np.float32)])
-        scales = np.concatenate([scales, np.ones((pad, 2), np.float32)])
-      batch = pipeline.to_global_batch(
-          dict(image=images, dataset_index=np.full((bs,), a, np.int32)), self.mesh)
-      heatmaps = self._forward(params, batch_stats, batch["image"], batch["dataset_index"])[a]
-      p, _ = self._decode(heatmaps, jnp.asarray(centers), jnp.asarray(scales), use_udp=use_udp,
-                          post_process="default")
-      preds.append(np.asarray(p)[:n])
-    return np.concatenate(preds)
+    """Image-space predictions [N, K_a, 2] of skeleton a on `records` (expert a, head a)."""
+    preds = self.predictor.predict_records(params, batch_stats, None, records, a)
+    return np.stack([p["keypoints"][:, :2] for p in preds])
 
   def run(self, params, batch_stats) -> list[PairResult]:
     results = []
