@@ -28,7 +28,8 @@ file and the record. Instances that are merely unusable are skipped and counted 
   crowd                   `iscrowd` set (the reference never loads them)
   malformed box           `bbox` missing or not 4 finite numbers
   zero-area box           `area` ≤ 0, or the box collapses when sanitised (spec §4.3 step 1)
-  box outside image       the box does not overlap the image
+  box outside image       the box does not overlap the image (the reference's sanitiser would
+                          clamp a box lying left of / above the image into its corner)
   no keypoints            no `keypoints` field
   non-finite keypoints    NaN / inf among the keypoint values
   invalid visibility      a visibility flag outside [0, 2]
@@ -139,13 +140,15 @@ def box_problem(bbox: Any, img_w: float, img_h: float, area: Any = None
     return None, "malformed box"
   if area is not None and not isinstance(area, (int, float)):
     return None, "malformed box"
-  clean = transforms.sanitize_bbox(np.asarray(bbox, np.float64), img_w, img_h, area=area)
-  if clean is not None:
-    return clean, None
   x, y, w, h = bbox
+  # Tested first: the sanitiser alone would clamp a box lying left of / above the image to a
+  # box in its corner.
   if w > 0 and h > 0 and (x >= img_w or y >= img_h or x + w <= 0 or y + h <= 0):
     return None, "box outside image"
-  return None, "zero-area box"
+  clean = transforms.sanitize_bbox(np.asarray(bbox, np.float64), img_w, img_h, area=area)
+  if clean is None:
+    return None, "zero-area box"
+  return clean, None
 
 
 def keypoint_problem(kpts: np.ndarray, size_wh: tuple[float, float] | None) -> str | None:
