@@ -11,7 +11,7 @@ dicts of numpy arrays and Python scalars so that grain can pickle them to worker
   bbox_id       int       running index of the kept instances within their image (spec §4.3 step 5)
   dataset_index int       index of the dataset in `config.data.dataset_names`
   category_id   int       the annotation's `category_id` (-1 if absent); AP-10K evaluates per category
-  bbox_score    float     1.0 for ground-truth boxes, the detector's score for detections
+  bbox_score    float     1.0 for ground-truth boxes, the detector's score (float32 precision)
   bbox          [4] f32   sanitised box (x, y, w, h) in image pixels
   center        [2] f32   box centre (jittered only if asked, see `jitter_center`)
   scale         [2] f32   box size / 200 after aspect fix and padding (mmpose convention)

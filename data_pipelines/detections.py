@@ -8,7 +8,8 @@ detections, `det_bbox_thr` 0.0); the other benchmarks use ground-truth boxes. Fo
   score equals the threshold is kept);
 * center/scale from the detector's raw box with `_xywh2cs` (aspect fix, padding 1.25, never any
   jitter), and `bbox` is that raw box: exactly the reference's crops;
-* `bbox_score` = the detection score; keypoints are zeros [K, 3] (nothing to compare against).
+* `bbox_score` = the detection score (rounded to float32, like every float in the records);
+  keypoints are zeros [K, 3] (nothing to compare against).
 
 Differences from the reference, all counted in the `ReadReport` (the reference would keep these
 boxes or crash): a detection whose `image_id` is not in the ground-truth `images` is skipped
@@ -109,7 +110,7 @@ def read_detections(
     records.append(dict(
         image_path=path, image_id=int(image_id), ann_id=-1, bbox_id=bbox_id,
         dataset_index=int(dataset_index), category_id=PERSON_CATEGORY_ID,
-        bbox_score=float(score), bbox=box.astype(np.float32),
+        bbox_score=float(np.float32(score)), bbox=box.astype(np.float32),
         center=np.asarray(center, np.float32), scale=np.asarray(scale, np.float32),
         keypoints=np.zeros((k, 3), np.float32)))
   report.kept = len(records)

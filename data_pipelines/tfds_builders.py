@@ -113,7 +113,7 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
             "bbox_id": scalar(dtype=np.int64),
             "category_id": scalar(dtype=np.int64),
             "dataset_index": scalar(dtype=np.int64),
-            "bbox_score": scalar(dtype=np.float64),
+            "bbox_score": scalar(dtype=np.float32),
             "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
             "center": tfds.features.Tensor(shape=(2,), dtype=np.float32),
             "scale": tfds.features.Tensor(shape=(2,), dtype=np.float32),
