@@ -8,7 +8,8 @@ one decoder, so an image decoded from stored bytes equals the one read from its 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import cv2
 import numpy as np

@@ -33,7 +33,6 @@ centre/scale were computed with (checked on reading).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -2,11 +2,11 @@
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 
-import cv2
 import grain
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, shared_path
 from data_pipelines import pipeline, readers, tfds_builders
 from data_pipelines.image_files import ImageDecodeError, decode_record_image, read_bytes
-from data_pipelines.skeletons import REAL_SKELETONS
+from data_pipelines.skeletons import COCO, REAL_SKELETONS, SkeletonLayout
 
 HW = (256, 192)
 SplitFiles = tfds_builders.SplitFiles
@@ -109,7 +109,6 @@ def test_seeded_center_jitter_matches_the_direct_reader(built):
 def test_records_feed_the_eval_transform(built):
   """A TFDS record goes through the grain eval transform like a reader record."""
   data_dir, _ = built
-  from data_pipelines.skeletons import COCO, SkeletonLayout
   cfg = pipeline.TopDownConfig(layout=SkeletonLayout((COCO,)), encodings=("udp",),
                                image_size_hw=HW, heatmap_size_hw=(64, 48))
   source = tfds_builders.TfdsRecords(data_dir, "coco", "val_det", dataset_index=0)
@@ -132,6 +131,9 @@ def test_reading_guards(built, tmp_path):
   source = tfds_builders.TfdsRecords(data_dir, "aic", "train")
   with pytest.raises(IndexError):
     source[len(source)]
+  # grain's worker processes receive the source pickled.
+  _assert_same_records([pickle.loads(pickle.dumps(source))[-1]],
+                       [{k: v for k, v in source[-1].items() if k != "image_bytes"}])
   bad = dict(source[0], image_bytes=b"garbage")
   with pytest.raises(ImageDecodeError, match=r"cannot decode .*image_id 1, ann_id 4"):
     decode_record_image(bad)
