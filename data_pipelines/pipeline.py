@@ -1,7 +1,7 @@
 """grain input pipeline: per-dataset sources → top-down crops and targets → weighted mix → batches.
 
 Every training example, whatever its dataset, has the same static shapes (K_max = the largest
-keypoint count over the mixed datasets):
+keypoint count over the mixed datasets, 133 with COCO-WholeBody):
 
   image          [H, W, 3]         f32  normalised RGB crop (NHWC for JAX)
   target         [K_max, Hh, Wh]   f32  Gaussian heatmaps; channels ≥ K_d are zero
@@ -9,18 +9,31 @@ keypoint count over the mixed datasets):
   skeleton_mask  [K_max]           f32  1 for channels that exist in the sample's skeleton
   dataset_index  []                i32  which dataset (= expert, head, prototype range)
 
-Order of operations follows grain's advice: each source is sharded by host, shuffled and repeated
-with its own seed, then the sources are mixed with weights, then augmented with a per-record RNG
-(so a restored iterator reproduces the same batches), then batched with `drop_remainder`.
+With `TopDownConfig.host_targets=False` the heatmaps are left to the accelerator
+(`device_targets.dataset_targets`) and `target`/`target_weight` are replaced by
+
+  joints         [K_max, 2]        f32  keypoints in crop pixels after the affine (0 if padded)
+  joint_vis      [K_max]           f32  visibility after flip (0 if padded)
+
+Order of operations follows grain's advice: each source is shuffled and repeated with its own
+seed and split between hosts, then the sources are mixed with weights, then augmented with a
+per-record RNG (so a restored iterator reproduces the same batches), then batched with
+`drop_remainder`. All of this is a `grain.MapDataset`, so an iterator's state is its position
+and restores exactly, with or without worker processes (no `IterDataset`-level mixing needed).
+
+Sources are in-memory record lists or any random-access sequence of the same record dicts (e.g.
+`tfds_builders.TfdsRecords` over an ArrayRecord data source), whose records hold either an
+`image_path` or the encoded file under `image_bytes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import grain
+from absl import flags
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -28,28 +41,77 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from data_pipelines import transforms
 from data_pipelines.skeletons import SkeletonInfo, SkeletonLayout
 
+ENCODINGS = ("udp", "msra")
+
 
 class ImageError(IOError):
   """An image that is missing or cannot be decoded; names the file and the record."""
 
 
-def load_image(record: Mapping[str, Any]) -> np.ndarray:
-  """Reads the record's image as RGB uint8 [H, W, 3] (BGR→RGB as mmpose's loader)."""
+def _describe(record: Mapping[str, Any]) -> str:
+  return (f"dataset {record.get('dataset_index', '?')}, image_id {record.get('image_id', '?')}, "
+          f"ann_id {record.get('ann_id', '?')}")
+
+
+def _load_bgr(record: Mapping[str, Any]) -> np.ndarray:
+  """The record's image as OpenCV reads it: BGR uint8 [H, W, 3].
+
+  From `image_bytes` (encoded file, e.g. a TFDS record) if present, else from `image_path`;
+  `cv2.imdecode` and `cv2.imread` share one decoder, so both give the same pixels.
+  """
+  if "image_bytes" in record:
+    data = record["image_bytes"]
+    if isinstance(data, np.ndarray) and data.dtype != np.uint8:
+      data = data.item()  # A 0-d object/bytes array, as data sources may return.
+    image = None
+    if len(data):
+      image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+      raise ImageError(
+          f"cannot decode the image bytes of {record.get('image_path', '<no path>')} "
+          f"({_describe(record)}): corrupt or empty ({len(data)} bytes)")
+    return image
+  if "image_path" not in record:
+    raise ImageError(f"record without image_path or image_bytes ({_describe(record)})")
   path = record["image_path"]
   image = cv2.imread(path, cv2.IMREAD_COLOR)
   if image is None:
-    raise ImageError(
-        f"cannot read image {path} (dataset {record['dataset_index']}, image_id "
-        f"{record['image_id']}, ann_id {record['ann_id']}): missing or corrupt file")
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    raise ImageError(f"cannot read image {path} ({_describe(record)}): missing or corrupt file")
+  return image
+
+
+def load_image(record: Mapping[str, Any]) -> np.ndarray:
+  """Reads the record's image as RGB uint8 [H, W, 3] (BGR→RGB as mmpose's loader).
+
+  The image comes from `record["image_bytes"]` (encoded file) if present, else from
+  `record["image_path"]`.
+
+  Raises:
+    ImageError: missing file or undecodable bytes; the message names the file and the record.
+  """
+  return cv2.cvtColor(_load_bgr(record), cv2.COLOR_BGR2RGB)
+
+
+def _normalize_bgr_crop(crop_bgr: np.ndarray) -> np.ndarray:
+  """Normalised RGB crop from a BGR crop. Warping is per channel, so warping the BGR image and
+  reordering the small crop gives the same bytes as converting the whole image first."""
+  return transforms.normalize_image(crop_bgr[..., ::-1])
 
 
 @dataclasses.dataclass(frozen=True)
 class TopDownConfig:
-  """Static settings of the top-down transform, shared by the train and eval transforms."""
+  """Static settings of the top-down transform, shared by the train and eval transforms.
+
+  Per-dataset settings are tuples indexed by dataset (the layout's order):
+    encodings: "udp" (UDP affine + UDP target) or "msra" (standard affine + MSRA target); spec
+      §4.1: UDP for COCO and MPII, MSRA for the others.
+    half_body: whether the half-body transform runs for that dataset (the reference has none in
+      MPII's pipeline); () = every dataset.
+  `host_targets=False` leaves the heatmaps to `device_targets` (see the module docstring).
+  """
 
   layout: SkeletonLayout
-  encodings: tuple[str, ...]  # Per dataset: "udp" or "msra".
+  encodings: tuple[str, ...]
   image_size_hw: tuple[int, int]
   heatmap_size_hw: tuple[int, int]
   sigma: float = 2.0
@@ -59,6 +121,18 @@ class TopDownConfig:
   scale_factor: float = 0.5
   rot_factor: float = 40.0
   rot_prob: float = 0.6
+  half_body: tuple[bool, ...] = ()
+  host_targets: bool = True
+
+  def __post_init__(self):
+    d = self.layout.num_datasets
+    if len(self.encodings) != d:
+      raise ValueError(f"encodings has {len(self.encodings)} entries for {d} datasets")
+    bad = [e for e in self.encodings if e not in ENCODINGS]
+    if bad:
+      raise ValueError(f"unknown encodings {bad}; known: {list(ENCODINGS)}")
+    if self.half_body and len(self.half_body) != d:
+      raise ValueError(f"half_body has {len(self.half_body)} entries for {d} datasets (or none)")
 
   @property
   def image_size_wh(self) -> tuple[int, int]:
@@ -71,16 +145,9 @@ class TopDownConfig:
   def use_udp(self, dataset_index: int) -> bool:
     return self.encodings[dataset_index] == "udp"
 
-
-def _pad_example(cfg: TopDownConfig, d: int, target: np.ndarray, weight: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  k_max = cfg.layout.max_keypoints
-  k = target.shape[0]
-  tgt = np.zeros((k_max,) + target.shape[1:], np.float32)
-  tgt[:k] = target
-  w = np.zeros((k_max,), np.float32)
-  w[:k] = weight
-  return tgt, w, cfg.layout.skeleton_mask()[d]
+  def use_half_body(self, dataset_index: int) -> bool:
+    on = self.half_body[dataset_index] if self.half_body else True
+    return bool(on) and self.half_body_prob > 0
 
 
 class TopDownTrainTransform(grain.transforms.RandomMap):
@@ -90,20 +157,34 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
   def __init__(self, cfg: TopDownConfig):
     self.cfg = cfg
 
-  def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  def augmented_crop(self, record: Mapping[str, Any], image_bgr: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spec §4.4 steps 2–5 on a decoded image.
+
+    Args:
+      record: the instance record (keypoints [K, 3], center [2], scale [2], dataset_index).
+      image_bgr: [H_img, W_img, 3] uint8, the record's image as OpenCV decodes it.
+      rng: the sample's generator; draws in the reference's order (flip, half body,
+        scale/rotation; see the `transforms` functions).
+
+    Returns:
+      crop [H, W, 3] uint8 BGR, joints [K, 2] float32 crop pixels, visibility [K] float32.
+    """
     cfg = self.cfg
     d = int(record["dataset_index"])
     skeleton: SkeletonInfo = cfg.layout.skeletons[d]
-    use_udp = cfg.use_udp(d)
-    image = load_image(record)
     joints = record["keypoints"][:, :2].astype(np.float32)
     vis = record["keypoints"][:, 2].astype(np.float32)
     center = record["center"].astype(np.float32)
     scale = record["scale"].astype(np.float32)
     if cfg.flip:
-      image, joints, vis, center, _ = transforms.random_flip(
-          image, joints, vis, center, skeleton.flip_pairs, rng)
-    if cfg.half_body_prob > 0:
+      # random_flip needs only the width from the image: give it one row and mirror the whole
+      # image with cv2.flip (same pixels as numpy's reversed copy, ~20x faster).
+      _, joints, vis, center, flipped = transforms.random_flip(
+          image_bgr[:1], joints, vis, center, skeleton.flip_pairs, rng)
+      if flipped:
+        image_bgr = cv2.flip(image_bgr, 1)
+    if cfg.use_half_body(d):
       hb = transforms.half_body_center_scale(
           joints, vis, skeleton.upper_body_ids, cfg.image_size_wh[0] / cfg.image_size_wh[1], rng,
           num_joints_half_body=cfg.num_joints_half_body, prob_half_body=cfg.half_body_prob)
@@ -113,14 +194,32 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
         scale, rng, scale_factor=cfg.scale_factor, rot_factor=cfg.rot_factor,
         rot_prob=cfg.rot_prob)
     crop, joints, _ = transforms.top_down_affine(
-        image, joints, vis, center, scale, rot, cfg.image_size_wh, use_udp)
-    make_target = transforms.udp_target if use_udp else transforms.msra_target
-    target, weight = make_target(
-        joints, vis, cfg.image_size_wh, cfg.heatmap_size_wh, sigma=cfg.sigma)
-    target, weight, mask = _pad_example(cfg, d, target, weight)
-    return dict(
-        image=transforms.normalize_image(crop), target=target, target_weight=weight,
-        skeleton_mask=mask, dataset_index=np.int32(d))
+        image_bgr, joints, vis, center, scale, rot, cfg.image_size_wh, cfg.use_udp(d))
+    return crop, joints, vis
+
+  def example(self, d: int, crop_bgr: np.ndarray, joints: np.ndarray, vis: np.ndarray
+              ) -> dict[str, Any]:
+    """Crop and crop-space joints of dataset d → the padded training example (steps 6–7)."""
+    cfg = self.cfg
+    k_max = cfg.layout.max_keypoints
+    out = dict(image=_normalize_bgr_crop(crop_bgr), skeleton_mask=cfg.layout.skeleton_mask()[d],
+               dataset_index=np.int32(d))
+    if cfg.host_targets:
+      make_target = transforms.udp_target if cfg.use_udp(d) else transforms.msra_target
+      target, weight = make_target(
+          joints, vis, cfg.image_size_wh, cfg.heatmap_size_wh, sigma=cfg.sigma)
+      out["target"], out["target_weight"] = transforms.pad_keypoints(target, weight, k_max)
+    else:
+      k = len(vis)
+      out["joints"] = np.zeros((k_max, 2), np.float32)
+      out["joints"][:k] = joints
+      out["joint_vis"] = np.zeros((k_max,), np.float32)
+      out["joint_vis"][:k] = vis
+    return out
+
+  def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    crop, joints, vis = self.augmented_crop(record, _load_bgr(record), rng)
+    return self.example(int(record["dataset_index"]), crop, joints, vis)
 
 
 class TopDownEvalTransform(grain.transforms.Map):
@@ -137,21 +236,71 @@ class TopDownEvalTransform(grain.transforms.Map):
   def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
     cfg = self.cfg
     d = int(record["dataset_index"])
-    image = load_image(record)
     use_udp = cfg.use_udp(d) if self.use_udp is None else self.use_udp
     trans = transforms.crop_matrix(
         record["center"], record["scale"], 0.0, cfg.image_size_wh, use_udp)
-    crop = transforms.warp_image(image, trans, cfg.image_size_wh)
+    crop = transforms.warp_image(_load_bgr(record), trans, cfg.image_size_wh)
     return dict(
-        image=transforms.normalize_image(crop), dataset_index=np.int32(d),
+        image=_normalize_bgr_crop(crop), dataset_index=np.int32(d),
         center=record["center"].astype(np.float32), scale=record["scale"].astype(np.float32),
         bbox=record["bbox"].astype(np.float32), image_id=np.int64(record["image_id"]),
         ann_id=np.int64(record["ann_id"]))
 
 
+def host_shard(source: grain.MapDataset, *, seed: int, process_index: int, process_count: int
+               ) -> grain.MapDataset:
+  """One host's infinite share of a source: shuffled per epoch, repeated, strided by host.
+
+  Every host computes the same permutation of the whole source each epoch (`seed + epoch`) and
+  takes positions `process_index, process_index + process_count, …` of the repeated stream,
+  like the reference's DistributedSampler (spec §4.1): within an epoch the hosts' records are
+  disjoint and together cover the source. Each source is split before mixing: striding the
+  mixed stream would alias with the mixer's deterministic interleave.
+  """
+  return source.seed(seed).shuffle().repeat()[process_index::process_count]
+
+
+def mixed_records(
+    sources: Sequence[Sequence[Mapping[str, Any]]],
+    weights: Sequence[float] | None,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+  """The infinite, mixed stream of one host's (un-augmented) records.
+
+  Args:
+    sources: per dataset, a list or random-access sequence of records (e.g. a TFDS data source
+      wrapper); never copied.
+    weights: per dataset, the mixing weight (grain normalises them and interleaves
+      deterministically in these proportions); None = proportional to the source sizes, the
+      reference's uniform sampling over the concatenated datasets (spec §4.1).
+    seed: base seed; source d is shuffled with `seed + 1000·(d + 1)`.
+    process_index, process_count: this host's share of every source.
+
+  Returns:
+    A `grain.MapDataset` of records (length: effectively infinite).
+  """
+  if weights is None:
+    weights = [len(s) for s in sources]
+  if len(sources) != len(weights):
+    raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+  parts = []
+  for d, records in enumerate(sources):
+    source = grain.MapDataset.source(records)
+    if len(source) == 0:
+      raise ValueError(f"dataset {d} has no records")
+    if weights[d] <= 0:
+      raise ValueError(f"dataset {d}: mixing weight {weights[d]} must be positive")
+    parts.append(host_shard(source, seed=seed + 1000 * (d + 1), process_index=process_index,
+                            process_count=process_count))
+  return grain.MapDataset.mix(parts, list(weights))
+
+
 def mixed_train_dataset(
     sources: Sequence[Sequence[Mapping[str, Any]]],
-    weights: Sequence[float],
+    weights: Sequence[float] | None,
     cfg: TopDownConfig,
     *,
     batch_size: int,
@@ -162,27 +311,18 @@ def mixed_train_dataset(
   """Builds the infinite, mixed, batched training dataset of one host.
 
   Args:
-    sources: per dataset, its list of records.
-    weights: per dataset, the mixing weight (normalised by grain).
+    sources: per dataset, its records (list or random-access sequence; see `mixed_records`).
+    weights: per dataset, the mixing weight; None = proportional to the source sizes.
     cfg: transform settings.
     batch_size: per-host batch size.
-    seed: base seed; source d is shuffled with `seed + d`, augmentation uses `seed`.
-    process_index, process_count: this host's shard of every source.
+    seed: base seed (shuffling: see `mixed_records`; augmentation: `seed + 7·process_index`).
+    process_index, process_count: this host's share of every source.
 
   Returns:
-    A `grain.MapDataset` of batches (dicts of stacked arrays).
+    A `grain.MapDataset` of batches (dicts of stacked arrays, see the module docstring).
   """
-  if len(sources) != len(weights):
-    raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-  parts = []
-  for d, records in enumerate(sources):
-    # Shard each source by host before mixing: striding the mixed stream instead would alias
-    # with the mixer's deterministic interleave and give a host only some of the datasets.
-    shard = grain.MapDataset.source(list(records))[process_index::process_count]
-    if len(shard) == 0:
-      raise ValueError(f"dataset {d} has no records for host {process_index}/{process_count}")
-    parts.append(shard.seed(seed + 1000 * (d + 1)).shuffle().repeat())
-  mixed = grain.MapDataset.mix(parts, list(weights))
+  mixed = mixed_records(sources, weights, seed=seed, process_index=process_index,
+                        process_count=process_count)
   return (mixed.seed(seed + 7 * process_index).random_map(TopDownTrainTransform(cfg))
           .batch(batch_size, drop_remainder=True))
 
@@ -192,6 +332,10 @@ def make_iterator(dataset: grain.MapDataset, *, num_workers: int = 0, prefetch: 
   """An iterator whose `get_state()`/`set_state()` the checkpoint manager saves and restores."""
   it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    # grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks) they
+    # are not parsed yet: take the defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)
 
