@@ -1,4 +1,20 @@
-r"""Build one real dataset into TFDS ArrayRecord files (no TensorFlow needed).
+r"""Build real datasets into TFDS ArrayRecord files (no TensorFlow needed).
+
+Every dataset of an experiment config, with its files, crop size and padding:
+
+  python -m data_pipelines.build_tfds --config=configs/posebh.py:b \
+      --config.data.root=/data --data_dir=/data/tfds
+
+Each `data.datasets` entry gives split `train` (train_ann, image_dir), `val` (val_ann,
+val_image_dir or image_dir) and, where `val_det` is set, `val_det` (those detections with
+val_ann naming the images); paths are relative to `data.root`. --data_dir defaults to the
+config's `data.tfds_dir`; train with the same `data.tfds_dir`. Builds are keyed by annotation
+format (`<data_dir>/posebh_keypoints/<format>/1.0.0`), so a config with two datasets of one
+format is refused with an error naming both (`experiment.tfds_formats`), as are an unknown
+format and a skeleton whose keypoint count is not its format's. An already built dataset is
+reused (checked to have the splits, crop size and padding asked for).
+
+One dataset from explicit files:
 
   python -m data_pipelines.build_tfds --dataset=coco \
       --ann=data/coco/annotations/person_keypoints_train2017.json \
@@ -19,27 +35,38 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import dataclasses
+
+import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 from data_pipelines import readers, tfds_builders
-from data_pipelines.coco_reader import AnnotationError
+from data_pipelines.coco_reader import AnnotationError, ReadReport
 
 FLAGS = flags.FLAGS
 
+# Flags that --config replaces with its own fields.
+_SINGLE_DATASET_FLAGS = ("dataset", "ann", "val_ann", "det", "images", "image_size", "padding")
+
 
 def _define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config: build every dataset of `data.datasets`.",
+      lock_config=True)
   flags.DEFINE_enum("dataset", None, list(readers.FORMATS), "Annotation format = TFDS config.")
   flags.DEFINE_string("ann", None, "Training annotations (split 'train').")
   flags.DEFINE_string("val_ann", None, "Validation annotations (split 'val').")
   flags.DEFINE_string("det", None, "Person detections for split 'val_det' (needs --val_ann).")
   flags.DEFINE_string("images", None, "Image directory the annotations' file names are "
                       "relative to (local or gs://).")
-  flags.DEFINE_string("data_dir", None, "TFDS data directory to write to (local or gs://).")
+  flags.DEFINE_string("data_dir", None, "TFDS data directory to write to (local or gs://); "
+                      "with --config, default: its data.tfds_dir.")
   flags.DEFINE_list("image_size", ["256", "192"], "Network input H,W (sets the box aspect).")
   flags.DEFINE_float("padding", 1.25, "Box padding factor.")
   flags.DEFINE_float("det_bbox_thr", 0.0, "Minimum detection score.")
   flags.DEFINE_bool("decode_images", False, "Decode every image and skip (count) corrupt ones.")
-  flags.mark_flags_as_required(["dataset", "images", "data_dir"])
+
 
 
 def splits_from_flags(ann: str | None, val_ann: str | None, det: str | None
@@ -59,9 +86,92 @@ def splits_from_flags(ann: str | None, val_ann: str | None, det: str | None
   return splits
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetBuild:
+  """One dataset of a config as a build: its TFDS config (= format) and split files."""
+
+  name: str
+  format: str
+  image_dir: str
+  splits: dict[str, tfds_builders.SplitFiles]
+
+
+def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
+  """The builds of every dataset of `config`, in dataset order (see the module docstring).
+
+  Raises:
+    readers.UnknownFormatError, experiment.DuplicateFormatError, ValueError: a dataset that
+      cannot be built (unknown format, two of one format, synthetic data, no files); the
+      message names it.
+  """
+  from posebh_jax import experiment  # Imports the model code: only the --config mode needs it.
+  if config.data.get("synthetic") is not None and config.data.synthetic.enabled:
+    raise ValueError("synthetic data is generated per workdir and read from its files; it has "
+                     "no TFDS build")
+  formats = experiment.tfds_formats(config)
+  files = experiment.resolve_dataset_files(config, workdir="")
+  builds = []
+  for f, fmt, entry in zip(files, formats, experiment.dataset_entries(config)):
+    splits = {}
+    if f.train_ann:
+      splits["train"] = tfds_builders.SplitFiles(f.train_ann)
+    val_dir = f.split_image_dir("val")
+    if f.val_ann:
+      splits["val"] = tfds_builders.SplitFiles(f.val_ann, image_dir=val_dir)
+    if entry.get("val_det", ""):
+      if not f.val_ann:
+        raise ValueError(f"data.datasets.{f.name}: val_det needs val_ann (it names the images)")
+      splits["val_det"] = tfds_builders.SplitFiles(
+          f.val_ann, experiment.join_root(config.data.root, entry.val_det), image_dir=val_dir)
+    if not splits:
+      raise ValueError(f"data.datasets.{f.name}: no train_ann or val_ann to build")
+    builds.append(DatasetBuild(f.name, fmt, f.image_dir, splits))
+  return builds
+
+
+def build_config(config: ml_collections.ConfigDict, data_dir: str, *, det_bbox_thr: float = 0.0,
+                 decode_images: bool = False, log=print) -> dict[str, dict[str, ReadReport]]:
+  """Builds every dataset of `config` into `data_dir`; → dataset name → split → report.
+
+  The crop size and padding (they fix the stored centre/scale) are the config's
+  `data.image_size` and `data.bbox_padding`. All datasets are checked before the first build,
+  so a bad entry fails fast.
+  """
+  builds = config_builds(config)
+  out = {}
+  for b in builds:
+    builder, reports = tfds_builders.build(
+        b.format, data_dir, b.splits, b.image_dir, image_size_hw=tuple(config.data.image_size),
+        padding=config.data.bbox_padding, det_bbox_thr=det_bbox_thr,
+        decode_images=decode_images)
+    log(f"{b.name}: built {builder.data_dir}")
+    for split, report in reports.items():
+      log(f"  {split}: {report}")
+    out[b.name] = reports
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if config is not None:
+    given = [f"--{n}" for n in _SINGLE_DATASET_FLAGS if FLAGS[n].present]
+    if given:
+      raise app.UsageError(f"--config takes its datasets, crop size and padding from the "
+                           f"config; drop {given} (override --config.data.* instead)")
+    data_dir = FLAGS.data_dir or config.data.get("tfds_dir", "")
+    if not data_dir:
+      raise app.UsageError("--config: give --data_dir or set --config.data.tfds_dir")
+    try:
+      build_config(config, data_dir, det_bbox_thr=FLAGS.det_bbox_thr,
+                   decode_images=FLAGS.decode_images)
+    except (AnnotationError, ValueError, OSError, KeyError) as e:
+      sys.exit(f"build_tfds: {e}")
+    return
+  missing = [f"--{n}" for n in ("dataset", "images", "data_dir") if FLAGS[n].value is None]
+  if missing:
+    raise app.UsageError(f"give --config=..., or {missing} for one dataset")
   splits = splits_from_flags(FLAGS.ann, FLAGS.val_ann, FLAGS.det)
   try:
     builder, reports = tfds_builders.build(

@@ -52,10 +52,12 @@ REFERENCE_DATASET_INDEX: dict[str, int] = {
 
 @dataclasses.dataclass(frozen=True)
 class SplitFiles:
-  """The files of one split: annotations and, for a detection split, the detection boxes."""
+  """The files of one split: annotations, for a detection split the detection boxes, and the
+  split's image directory if it is not the build's (COCO's val2017 beside train2017)."""
 
   ann: str
   det: str | None = None
+  image_dir: str | None = None
 
 
 class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
@@ -132,8 +134,8 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
     generators = {}
     for split, files in self._splits.items():
       records, report = readers.read_dataset(
-          fmt, files.ann, self._image_dir, skeleton, REFERENCE_DATASET_INDEX[fmt],
-          image_size_hw=self._image_size_hw, padding=self._padding, det_path=files.det,
+          fmt, files.ann, files.image_dir or self._image_dir, skeleton,
+          REFERENCE_DATASET_INDEX[fmt], image_size_hw=self._image_size_hw, padding=self._padding, det_path=files.det,
           det_bbox_thr=self._det_bbox_thr, check_images=True, decode_images=self._decode_images)
       if not records:
         raise ValueError(f"{fmt} split {split!r}: no usable instances ({report})")
@@ -164,12 +166,26 @@ def build(format: str, data_dir: str, splits: Mapping[str, SplitFiles], image_di
 
   If that dataset version is already under `data_dir`, TFDS reuses it and the reports are
   those stored at its build (from the metadata).
+
+  Raises:
+    ValueError: an existing build lacks one of `splits` or was built with another
+      `image_size_hw` / `padding` (delete it to rebuild).
   """
   readers.check_format(format)
   builder = PosebhKeypoints(data_dir=data_dir, config=format, splits=splits, image_dir=image_dir,
                             image_size_hw=image_size_hw, padding=padding,
                             det_bbox_thr=det_bbox_thr, decode_images=decode_images)
   builder.download_and_prepare()
+  if not builder.reports:  # Reused: check it is the build that was asked for.
+    meta = builder.info.metadata
+    missing = sorted(set(splits) - set(builder.info.splits))
+    stale = [f"{k}={meta[k]} (asked {v})" for k, v in (
+        ("image_size_hw", [int(x) for x in image_size_hw]), ("padding", float(padding)))
+             if meta[k] != v]
+    if missing or stale:
+      raise ValueError(f"{builder.data_dir} exists but "
+                       + "; ".join(([f"has no split {missing}"] if missing else []) + stale)
+                       + ": delete it to rebuild")
   return builder, builder.reports or stored_reports(builder)
 
 
@@ -233,9 +249,12 @@ class TfdsRecords(Sequence):
   def __len__(self) -> int:
     return len(self.source)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+    if isinstance(index, slice):  # A list, like slicing the readers' record lists (batching).
+      return [self[i] for i in range(*index.indices(len(self)))]
     if not isinstance(index, (int, np.integer)):
-      raise TypeError(f"TfdsRecords takes an integer index, not {type(index).__name__}")
+      raise TypeError(f"TfdsRecords takes an integer index or a slice, not "
+                      f"{type(index).__name__}")
     n = len(self.source)
     if not -n <= index < n:
       raise IndexError(f"index {index} out of range for {n} records")

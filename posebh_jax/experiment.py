@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipelines import coco_reader, pipeline
-from data_pipelines.skeletons import SkeletonLayout, get_skeleton
+from data_pipelines import coco_reader, pipeline, readers, tfds_builders
+from data_pipelines.skeletons import REAL_SKELETONS, SkeletonLayout, get_skeleton
 from data_pipelines.synthetic import generate as synthetic_generate
 from posebh_jax.models.heads import ProtoHeadConfig
 from posebh_jax.models.posebh import PoseBHModel
@@ -66,15 +66,75 @@ def topdown_config(config: ml_collections.ConfigDict, layout: SkeletonLayout
       image_size_hw=tuple(config.data.image_size), heatmap_size_hw=tuple(config.data.heatmap_size),
       sigma=config.data.sigma, flip=aug.flip, half_body_prob=aug.half_body_prob,
       num_joints_half_body=aug.num_joints_half_body, scale_factor=aug.scale_factor,
-      rot_factor=aug.rot_factor, rot_prob=aug.rot_prob)
+      rot_factor=aug.rot_factor, rot_prob=aug.rot_prob,
+      half_body=tuple(bool(e.get("half_body", True)) for e in dataset_entries(config)))
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetFiles:
+  """One dataset's files, resolved against `data.root`.
+
+  `val_image_dir` is where the validation annotations' images are ("" = `image_dir`; COCO and
+  AIC keep them in a separate directory).
+  """
+
   name: str
   train_ann: str
   val_ann: str
   image_dir: str
+  val_image_dir: str = ""
+
+  def split_image_dir(self, split: str) -> str:
+    """The image directory of `split` ("train", "val" or "val_det")."""
+    if split == "train":
+      return self.image_dir
+    return self.val_image_dir or self.image_dir
+
+
+def dataset_format(name: str, entry: ml_collections.ConfigDict) -> str:
+  """The entry's annotation format (`readers.FORMATS`).
+
+  Raises:
+    readers.UnknownFormatError: naming the dataset and the known formats.
+  """
+  fmt = entry.get("format", "coco")
+  try:
+    return readers.check_format(fmt)
+  except readers.UnknownFormatError as e:
+    raise readers.UnknownFormatError(f"data.datasets.{name}.format: {e}") from None
+
+
+class DuplicateFormatError(ValueError):
+  """Two datasets of one format in a config that reads TFDS builds (keyed by format)."""
+
+
+def tfds_formats(config: ml_collections.ConfigDict) -> list[str]:
+  """Each dataset's TFDS build (= its format), in dataset order; checks they can be built.
+
+  A build is `<tfds_dir>/posebh_keypoints/<format>/`: one per format per directory, with that
+  format's reference skeleton (`skeletons.REAL_SKELETONS`). Two datasets of one format would
+  read the same build, so they are refused; so is a skeleton whose keypoint count differs from
+  its format's.
+
+  Raises:
+    readers.UnknownFormatError, DuplicateFormatError, ValueError: naming the datasets.
+  """
+  seen: dict[str, str] = {}
+  formats = []
+  for name, entry in zip(config.data.dataset_names, dataset_entries(config)):
+    fmt = dataset_format(name, entry)
+    if fmt in seen:
+      raise DuplicateFormatError(
+          f"datasets {seen[fmt]!r} and {name!r} both have format {fmt!r}: TFDS builds are one "
+          f"per format per directory (posebh_keypoints/{fmt}), so they would read the same "
+          f"records; read this config from the annotation files (data.tfds_dir='')")
+    seen[fmt] = name
+    want, have = REAL_SKELETONS[fmt].num_keypoints, get_skeleton(entry.skeleton).num_keypoints
+    if want != have:
+      raise ValueError(f"data.datasets.{name}: skeleton {entry.skeleton!r} has {have} keypoints "
+                       f"but TFDS builds of format {fmt!r} store {want}")
+    formats.append(fmt)
+  return formats
 
 
 def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> list[DatasetFiles]:
@@ -90,23 +150,56 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
     return [DatasetFiles(n, generated[e.skeleton]["train"], generated[e.skeleton]["val"],
                          generated[e.skeleton]["image_dir"]) for n, e in zip(names, entries)]
   root = config.data.root
-  join = lambda p: p if not p or os.path.isabs(p) or "://" in p else os.path.join(root, p)
-  return [DatasetFiles(n, join(e.train_ann), join(e.val_ann), join(e.image_dir))
+  return [DatasetFiles(n, join_root(root, e.train_ann), join_root(root, e.val_ann),
+                       join_root(root, e.image_dir), join_root(root, e.get("val_image_dir", "")))
           for n, e in zip(names, entries)]
 
 
+def join_root(root: str, path: str) -> str:
+  """`path` under `root` unless it is empty, absolute or a URL (gs://...)."""
+  return path if not path or os.path.isabs(path) or "://" in path else os.path.join(root, path)
+
+
 def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
-                 files: list[DatasetFiles], split: str) -> tuple[list[list[dict[str, Any]]],
+                 files: list[DatasetFiles], split: str) -> tuple[list[Sequence[dict[str, Any]]],
                                                                  list[coco_reader.ReadReport]]:
-  """Reads every dataset's `split` ("train" or "val") annotations into instance records."""
+  """Every dataset's `split` ("train" or "val") instance records, by its `format`.
+
+  From `data.tfds_dir` (built ArrayRecord, random access without loading it all) when set,
+  otherwise from the annotation files (`readers.read_dataset`). Training records of
+  COCO-format datasets get the seeded centre jitter when `data.center_jitter` is on.
+
+  Raises:
+    ValueError: a dataset has no usable training instance (its skip report is in the message).
+    readers.UnknownFormatError / coco_reader.AnnotationError: bad format name or annotation.
+    DuplicateFormatError: two datasets of one format reading TFDS builds (`tfds_formats`).
+  """
   records, reports = [], []
-  for d, f in enumerate(files):
-    ann = f.train_ann if split == "train" else f.val_ann
-    recs, report = coco_reader.read_coco_keypoints(
-        ann, f.image_dir, layout.skeletons[d], d, image_size_hw=tuple(config.data.image_size),
-        padding=config.data.bbox_padding)
-    if split == "train" and not recs:
-      raise ValueError(f"dataset {f.name!r}: no usable training instances in {ann} ({report})")
+  image_size_hw = tuple(config.data.image_size)
+  tfds_dir = config.data.get("tfds_dir", "")
+  entries = dataset_entries(config)
+  formats = (tfds_formats(config) if tfds_dir else
+             [dataset_format(f.name, e) for f, e in zip(files, entries)])
+  for d, (f, entry, fmt) in enumerate(zip(files, entries, formats)):
+    jitter = (config.seed if split == "train" and config.data.get("center_jitter", False)
+              and fmt != "mpii" else None)
+    det = entry.get("val_det", "") if split == "val" else ""
+    if tfds_dir:
+      tfds_split = "val_det" if det else split
+      recs = tfds_builders.TfdsRecords(
+          tfds_dir, fmt, tfds_split, dataset_index=d, center_jitter_seed=jitter,
+          image_size_hw=image_size_hw, padding=config.data.bbox_padding)
+      report = tfds_builders.stored_reports(tfds_builders.open_builder(tfds_dir, fmt)).get(
+          tfds_split, coco_reader.ReadReport(source=f"{tfds_dir}:{fmt}/{tfds_split}"))
+    else:
+      ann = f.train_ann if split == "train" else f.val_ann
+      det_path = join_root(config.data.root, det) if det else None
+      recs, report = readers.read_dataset(
+          fmt, ann, f.split_image_dir(split), layout.skeletons[d], d,
+          image_size_hw=image_size_hw, padding=config.data.bbox_padding, det_path=det_path,
+          center_jitter_seed=jitter)
+    if split == "train" and not len(recs):
+      raise ValueError(f"dataset {f.name!r}: no usable training instances ({report})")
     records.append(recs)
     reports.append(report)
   return records, reports
