@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import cv2
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -153,6 +154,33 @@ class Predictor:
       return cls(config, params, batch_stats, prototypes, **kwargs)
     raise FileNotFoundError(f"{path}: neither converted weights (weights/ and meta/, as written "
                             "by posebh-convert) nor a workdir with checkpoints/")
+
+  @classmethod
+  def from_init(cls, config: ml_collections.ConfigDict, seed: int = 0,
+                **kwargs: Any) -> "Predictor":
+    """An untrained model (the config's initialisation): for demos and smoke tests where no
+    checkpoint is at hand; its keypoints are meaningless.
+
+    Args:
+      config: the experiment config.
+      seed: initialisation seed.
+      **kwargs: `Predictor` options (batch_size, flip_test, mesh).
+    """
+    from posebh_jax import prototypes as proto_lib
+
+    layout = experiment.build_layout(config)
+    model = experiment.build_model(config, layout)
+    params_rng, drop_rng, proto_rng = jax.random.split(jax.random.key(seed), 3)
+    h, w = config.data.image_size
+    variables = jax.jit(lambda r1, r2: model.init(
+        {"params": r1, "droppath": r2}, jnp.zeros((1, h, w, 3), jnp.float32),
+        jnp.zeros((1,), jnp.int32), train=False))(params_rng, drop_rng)
+    prototypes = (proto_lib.init_prototypes(proto_rng, layout.total_keypoints,
+                                            config.model.proto.num_in_class,
+                                            config.model.proto.out_channels)
+                  if config.model.use_proto_head else None)
+    return cls(config, variables["params"], variables.get("batch_stats", {}), prototypes,
+               **kwargs)
 
   def skeleton_index(self, name: str) -> int:
     """Dataset index of `name`, a dataset name of the config or the name of its skeleton."""

@@ -259,3 +259,13 @@ def test_grayscale_arrays_are_accepted(predictor, coco_rgb):
   gray = cv2.cvtColor(coco_rgb, cv2.COLOR_RGB2GRAY)
   poses = predictor.predict(gray, None, ["coco"])
   assert poses[0]["keypoints"].shape == (17, 3)
+
+
+def test_untrained_model_has_the_checkpoints_structure(config, predictor, coco_rgb):
+  fresh = inference.Predictor.from_init(config, seed=1, batch_size=4)
+  shapes = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)
+  for got, want in ((fresh.params, predictor.params), (fresh.batch_stats, predictor.batch_stats),
+                    (fresh.prototypes, predictor.prototypes)):
+    assert shapes(got) == shapes(want)
+  poses = fresh.predict(coco_rgb, None, "aic", through="prototypes")
+  assert poses[0]["keypoints"].shape == (14, 3)
