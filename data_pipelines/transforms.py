@@ -576,7 +576,7 @@ def _target_windows(joints_xy: np.ndarray, joints_vis: np.ndarray, stride: np.nd
 
 
 def _paste(patches: np.ndarray, ul: np.ndarray, paste: np.ndarray,
-           heatmap_size_wh: ArrayLike) -> np.ndarray:
+           heatmap_size_wh: ArrayLike, num_channels: int | None = None) -> np.ndarray:
   """Pastes per-joint S×S patches at `ul`, clipped to the heatmap, in one scatter.
 
   Equivalent to the reference's per-joint slice assignment
@@ -588,13 +588,14 @@ def _paste(patches: np.ndarray, ul: np.ndarray, paste: np.ndarray,
     ul: [K, 2] int64 upper-left corners (x, y) in heatmap pixels.
     paste: [K] bool, joints to draw.
     heatmap_size_wh: [2] heatmap (width, height).
+    num_channels: allocate this many channels (≥ K; the ones past K stay zero), None = K.
 
   Returns:
-    [K, H, W] float32 heatmaps.
+    [num_channels or K, H, W] float32 heatmaps.
   """
   w_hm, h_hm = int(heatmap_size_wh[0]), int(heatmap_size_wh[1])
   k, size = ul.shape[0], patches.shape[-1]
-  target = np.zeros((k, h_hm, w_hm), dtype=np.float32)
+  target = np.zeros((_channels(k, num_channels), h_hm, w_hm), dtype=np.float32)
   offs = np.arange(size)
   xs = ul[:, 0:1] + offs  # [K, S]
   ys = ul[:, 1:2] + offs
@@ -610,7 +611,8 @@ def msra_target(joints_xy: np.ndarray,
                 image_size_wh: ArrayLike,
                 heatmap_size_wh: ArrayLike,
                 sigma: float = 2.,
-                joint_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                joint_weights: np.ndarray | None = None,
+                num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """MSRA Gaussian targets (`_msra_generate_target`, unbiased_encoding=False; spec §4.4 step 7).
 
   stride = image_size / heatmap_size; `mu = int(x / stride + 0.5)` (truncation toward zero);
@@ -627,9 +629,11 @@ def msra_target(joints_xy: np.ndarray,
     sigma: Gaussian std in heatmap pixels (3σ must be an integer).
     joint_weights: optional [K] or [K, 1] per-joint weights multiplied into the weight
       (`use_different_joint_weights=True`; PoseBH never sets it).
+    num_channels: pad target and weight with zeros to this many channels (the 133-channel
+      batch layout; written in place, no copy as `pad_keypoints` makes), None = K.
 
   Returns:
-    target [K, H, W] float32 and weight [K] float32.
+    target [K, H, W] float32 and weight [K] float32 (K → num_channels if given).
   """
   stride = np.asarray(image_size_wh) / np.asarray(heatmap_size_wh, dtype=np.float64)
   _, _, ul, weight, size = _target_windows(joints_xy, joints_vis, stride, heatmap_size_wh, sigma)
@@ -638,8 +642,8 @@ def msra_target(joints_xy: np.ndarray,
   y = x[:, None]
   x0 = y0 = size // 2
   g = np.exp(-((x - x0)**2 + (y - y0)**2) / (2 * sigma**2)).astype(np.float32)
-  target = _paste(g[None], ul, weight > 0.5, heatmap_size_wh)
-  return target, _apply_joint_weights(weight, joint_weights)
+  target = _paste(g[None], ul, weight > 0.5, heatmap_size_wh, num_channels)
+  return target, _pad_weight(_apply_joint_weights(weight, joint_weights), num_channels)
 
 
 def udp_target(joints_xy: np.ndarray,
@@ -647,7 +651,8 @@ def udp_target(joints_xy: np.ndarray,
                image_size_wh: ArrayLike,
                heatmap_size_wh: ArrayLike,
                sigma: float = 2.,
-               joint_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               joint_weights: np.ndarray | None = None,
+               num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """UDP Gaussian targets (`_udp_generate_target`, GaussianHeatmap; spec §4.4 step 7).
 
   stride = (image_size − 1) / (heatmap_size − 1); same truncation, window and bounds test as
@@ -662,9 +667,10 @@ def udp_target(joints_xy: np.ndarray,
     heatmap_size_wh: [2] heatmap (width, height), e.g. (48, 64).
     sigma: Gaussian std in heatmap pixels (3σ must be an integer).
     joint_weights: optional [K] or [K, 1] per-joint weights multiplied into the weight.
+    num_channels: pad target and weight with zeros to this many channels, None = K.
 
   Returns:
-    target [K, H, W] float32 and weight [K] float32.
+    target [K, H, W] float32 and weight [K] float32 (K → num_channels if given).
   """
   stride = ((np.asarray(image_size_wh) - 1.0) /
             (np.asarray(heatmap_size_wh, dtype=np.float64) - 1.0))
@@ -677,8 +683,22 @@ def udp_target(joints_xy: np.ndarray,
   dy2 = (ar[None, :, None] - centre[:, 1, None, None])**2  # [K, S, 1]
   with np.errstate(invalid="ignore"):
     g = np.exp(-(dx2 + dy2) / (2 * sigma**2))  # [K, S, S] float64
-  target = _paste(g, ul, weight > 0.5, heatmap_size_wh)
-  return target, _apply_joint_weights(weight, joint_weights)
+  target = _paste(g, ul, weight > 0.5, heatmap_size_wh, num_channels)
+  return target, _pad_weight(_apply_joint_weights(weight, joint_weights), num_channels)
+
+
+def _channels(k: int, num_channels: int | None) -> int:
+  if num_channels is None:
+    return k
+  if num_channels < k:
+    raise ValueError(f"num_channels={num_channels} < K={k}")
+  return int(num_channels)
+
+
+def _pad_weight(weight: np.ndarray, num_channels: int | None) -> np.ndarray:
+  out = np.zeros((_channels(len(weight), num_channels),), weight.dtype)
+  out[:len(weight)] = weight
+  return out
 
 
 def _apply_joint_weights(weight: np.ndarray, joint_weights: np.ndarray | None) -> np.ndarray:

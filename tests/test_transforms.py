@@ -128,6 +128,14 @@ def test_targets_padded133_match_golden(targets_npz, enc):
   np.testing.assert_allclose(weight, g[f"{enc}_target_weight_padded133_sample0"], rtol=0,
                              atol=1e-5)
   assert not target[17:].any() and not weight[17:].any()
+  # Drawn straight into 133 channels (the pipeline's path): the same arrays, bit for bit.
+  direct, direct_weight = ENCODERS[enc](g["joints"][0], g["joints_visible"][0], IMAGE_WH,
+                                        HEATMAP_WH, num_channels=133)
+  assert direct.shape == (133, 64, 48) and direct_weight.shape == (133,)
+  np.testing.assert_array_equal(direct, target)
+  np.testing.assert_array_equal(direct_weight, weight[:, 0])
+  with pytest.raises(ValueError, match="num_channels=10 < K=17"):
+    ENCODERS[enc](g["joints"][0], g["joints_visible"][0], IMAGE_WH, HEATMAP_WH, num_channels=10)
 
 
 @pytest.mark.parametrize("enc", ["msra", "udp"])
@@ -424,6 +432,15 @@ def test_normalize_image_values():
   np.testing.assert_allclose(x[0, 0], [(1 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224,
                                        -0.406 / 0.225], rtol=1e-6)
   np.testing.assert_allclose(x[1, 1], -T.IMAGENET_MEAN / T.IMAGENET_STD, rtol=1e-6)
+
+
+def test_pipeline_normalisation_table_equals_normalize_image():
+  from data_pipelines import pipeline
+  # Every uint8 value in every channel, as a BGR crop: the lookup equals the float32 formula.
+  values = np.arange(256, dtype=np.uint8)
+  crop_bgr = np.stack([np.roll(values, 85 * c) for c in range(3)], axis=-1).reshape(16, 16, 3)
+  np.testing.assert_array_equal(pipeline._normalize_bgr_crop(crop_bgr),
+                                T.normalize_image(crop_bgr[..., ::-1]))
 
 
 def test_pad_keypoints():
