@@ -23,7 +23,7 @@ import tqdm
 from data_pipelines import pipeline
 from posebh_jax import experiment
 from posebh_jax.compat import ReferenceCompat
-from posebh_jax.evaluation import evaluator as evaluator_lib
+from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
@@ -243,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
                   disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True)
   t_log, steps_since_log = time.time(), 0
+  evaluator = None  # Built at the first evaluation; its predict functions compile once.
   try:
     for step in range(start_step, num_steps):
       if config.model.use_proto_head and step == config.schedule.cps_start_step:
@@ -270,6 +271,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.add_scalar(f"train/{k}", v, done)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         ckpt.save(done, state, data_iter, meta)
+      if eval_due(config, done):
+        evaluator = evaluator or make_evaluator(config, workdir, model, layout, td_cfg, mesh,
+                                                val_records, files=files)
+        evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, done, writer,
+                 evaluator=evaluator)
   finally:
     bar.close()
     ckpt.wait()
@@ -279,33 +285,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_out: dict[str, Any] = {}
   if config.train.eval_at_end:
     eval_out = evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state,
-                        num_steps, writer)
+                        num_steps, writer, files=files, evaluator=evaluator)
   if writer is not None:
     writer.close()
   ckpt.close()
   return dict(step=num_steps, train=last_metrics, eval=eval_out)
 
 
-def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step, writer=None
-             ) -> dict[str, Any]:
-  """Runs the PCK evaluator, prints the table, writes `eval/metrics_<step>.json` and events."""
-  ev = evaluator_lib.PCKEvaluator(
-      model, layout, config.data.dataset_names, val_records, td_cfg, mesh,
-      batch_size=config.eval.batch_size, thresholds=config.eval.pck_thresholds)
-  results = ev.run(state.params, state.batch_stats)
-  table = evaluator_lib.format_table(results, config.eval.pck_thresholds)
+def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step, writer=None,
+             *, files=None, protocols=None, evaluator=None) -> dict[str, Any]:
+  """Evaluates with each dataset's paper protocol (spec §5.1; `evaluation.benchmark`), prints
+  the table, writes `eval/metrics_<step>.json` (and the COCO result files under
+  `eval/results_<step>/`) and, with a `writer`, TensorBoard scalars.
+
+  Args:
+    val_records: validation records per dataset index, read with the protocols' boxes.
+    files: the resolved dataset files (default: resolved from `config`).
+    protocols: the datasets to score (default: every dataset with validation annotations,
+      boxes as configured).
+    evaluator: a `BenchmarkEvaluator` to reuse (periodic evaluation: compiled once).
+  """
+  if evaluator is None:
+    evaluator = make_evaluator(config, workdir, model, layout, td_cfg, mesh, val_records,
+                               files=files, protocols=protocols)
+  results_dir = os.path.join(workdir, "eval", f"results_{step}") if _is_writer() else None
+  results = evaluator.run(state.params, state.batch_stats, results_dir=results_dir)
+  table = benchmark.format_table(results, config.eval.pck_thresholds)
   out = {}
   if _is_writer():
-    print(f"\nEvaluation at step {step} (held-out images; PCK normalised by box size):\n{table}\n",
-          flush=True)
-    path = evaluator_lib.write_metrics(results, workdir, step)
+    flip = "with" if evaluator.flip_test else "without"
+    print(f"\nEvaluation at step {step} (held-out images, {flip} flip test; values in [0, 1]):"
+          f"\n{table}\n", flush=True)
+    path = benchmark.write_metrics(results, workdir, step)
     print(f"metrics written to {path}", flush=True)
     out["metrics_file"] = path
     if writer is not None:
-      for r in results:
-        for k, v in r.pck.items():
-          tag = k.replace("@", "_")  # TensorBoard tags allow [A-Za-z0-9_./-] only.
-          writer.add_scalar(f"eval/{r.images}_on_{r.skeleton}/{tag}", v, step)
+      for tag, v in benchmark.tensorboard_scalars(results).items():
+        writer.add_scalar(tag, v, step)
+      writer.flush()
+  out["datasets"] = {r.name: dict(metric=r.metric, boxes=r.boxes, n=r.num_instances,
+                                  values=r.values) for r in results.datasets}
   out["results"] = [dict(images=r.images, skeleton=r.skeleton, n=r.num_instances, pck=r.pck,
-                         pck_novel=r.pck_novel) for r in results]
+                         pck_novel=r.pck_novel) for r in results.pairs]
   return out
+
+
+def make_evaluator(config, workdir, model, layout, td_cfg, mesh, val_records, *, files=None,
+                   protocols=None) -> benchmark.BenchmarkEvaluator:
+  """The evaluator of `config`'s datasets (see `evaluate`)."""
+  if protocols is None:
+    files = experiment.resolve_dataset_files(config, workdir) if files is None else files
+    protocols = benchmark.dataset_protocols(config, files)
+  return benchmark.BenchmarkEvaluator(model, layout, config, td_cfg, mesh, protocols,
+                                      val_records)
+
+
+def eval_due(config: ml_collections.ConfigDict, done: int) -> bool:
+  """Whether the periodic evaluation (`train.eval_every` steps; -1 off) runs after `done`
+  steps; the last step is left to `train.eval_at_end` when that is on."""
+  every = config.train.get("eval_every", -1)
+  last = done == config.train.num_steps and config.train.eval_at_end
+  return every > 0 and done % every == 0 and not last
