@@ -76,6 +76,22 @@ def test_config_builds_every_split_of_every_dataset():
     assert set(builds[name].splits) == {"train", "val"}, name
 
 
+def test_real_config_builds_follow_the_readme_layout():
+  from configs import posebh
+  cfg = posebh.get_config("b")
+  cfg.data.root = "/data"
+  builds = {b.name: b for b in build_tfds.config_builds(cfg)}  # Plans only: opens no file.
+  assert list(builds) == ["coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody"]
+  for name in ("coco", "coco_wholebody"):
+    b = builds[name]
+    assert set(b.splits) == {"train", "val", "val_det"} and b.image_dir == "/data/coco/train2017"
+    assert b.splits["val"].image_dir == b.splits["val_det"].image_dir == "/data/coco/val2017"
+    assert b.splits["val_det"].det == ("/data/coco/person_detection_results/"
+                                       "COCO_val2017_detections_AP_H_56_person.json")
+  assert builds["aic"].splits["val"].image_dir == "/data/aic/images"
+  assert builds["apt36k"].splits["train"].ann == "/data/ap36k/annotations/train_annotations_1.json"
+
+
 def test_built_records_equal_the_files(built):
   data_dir, reports = built
   for name in NAMES:
