@@ -135,8 +135,9 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
     for split, files in self._splits.items():
       records, report = readers.read_dataset(
           fmt, files.ann, files.image_dir or self._image_dir, skeleton,
-          REFERENCE_DATASET_INDEX[fmt], image_size_hw=self._image_size_hw, padding=self._padding, det_path=files.det,
-          det_bbox_thr=self._det_bbox_thr, check_images=True, decode_images=self._decode_images)
+          REFERENCE_DATASET_INDEX[fmt], image_size_hw=self._image_size_hw, padding=self._padding,
+          det_path=files.det, det_bbox_thr=self._det_bbox_thr, check_images=True,
+          decode_images=self._decode_images)
       if not records:
         raise ValueError(f"{fmt} split {split!r}: no usable instances ({report})")
       self.reports[split] = report
