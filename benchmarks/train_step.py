@@ -9,13 +9,16 @@ same backbone, heads, batch and optimizer:
                the second-stage step, the most expensive one (the first stage replaces CPS/CSS
                by the EMA update).
 
-It prints the median step time of each, their ratio (the project's goal: ≤ 1.10 at PoseBH-B
-size), and FLOPs per image from XLA's cost analysis of each compiled step. On CPU only the
-ratio and the FLOPs are meaningful; absolute times count only on a GPU/TPU.
+It prints the median step time of each, images/s, their ratio (the project's goal: ≤ 1.10 at
+PoseBH-B size), FLOPs per image from XLA's cost analysis of each compiled step, and the model
+FLOPs utilisation (MFU) where the device's peak is known (`posebh_jax.train.throughput`). Every
+parameter group trains (the most expensive stage). On CPU only the ratio and the FLOPs are
+meaningful; absolute times and MFU count only on a GPU/TPU.
 
   python benchmarks/train_step.py                        # PoseBH-B sizes, batch 2 (CPU: minutes)
   python benchmarks/train_step.py --size=tiny --batch=8  # seconds
-  python benchmarks/train_step.py --batch=64             # on an accelerator
+  python benchmarks/train_step.py --batch=128 --dtype=bfloat16 --repeats=20  # one accelerator
+  python benchmarks/train_step.py --batch=512 --dtype=bfloat16 --fsdp=8      # 8 devices, FSDP
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from configs import posebh as posebh_configs
 from data_pipelines import pipeline
 from posebh_jax import experiment
-from posebh_jax.train import loop, sharding
+from posebh_jax.train import loop, sharding, throughput
 from posebh_jax.train import step as step_lib
 
 
@@ -67,12 +70,11 @@ def _build(config, mesh, stage_step: int | None):
 
 
 def _time(fn, state, batch, repeats: int) -> tuple[float, float, object]:
-  lowered = fn.lower(state, batch)
-  compiled = lowered.compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  state, m = fn(state, batch)  # Warm-up (the jit cache reuses the compilation above).
+  """→ (median seconds per step, XLA FLOPs per device per step, final state)."""
+  fn = fn.lower(state, batch).compile()
+  flops = throughput.compiled_flops(fn)
+  flops = float("nan") if flops is None else flops
+  state, m = fn(state, batch)  # Warm-up.
   jax.block_until_ready(m)
   times = []
   for _ in range(repeats):
@@ -88,22 +90,31 @@ def main() -> None:
   p.add_argument("--size", default="b", choices=("b", "h", "tiny"))
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (params, optimizer state and prototypes stay float32)")
+  p.add_argument("--fsdp", type=int, default=1, help="devices per parameter shard group")
   a = p.parse_args()
 
-  base = posebh_configs.get_config(a.size)
+  def config(**model):
+    c = posebh_configs.get_config(a.size)
+    c.train.batch_size = a.batch
+    c.model.dtype = a.dtype
+    c.mesh.fsdp = a.fsdp
+    for k, v in model.items():
+      c.model[k] = v
+    return c
+
+  base = config()
   mesh = sharding.make_mesh(base.mesh)
   if a.batch % mesh.size:
     raise SystemExit(f"--batch={a.batch} must be divisible by the {mesh.size} devices")
 
-  full = posebh_configs.get_config(a.size)
-  full.train.batch_size = a.batch
+  full = config()
   stage2 = max(full.schedule.cps_start_step, full.schedule.css_start_step)
   layout, state_f, fn_f, cfg_f = _build(full, mesh, stage2)
   assert cfg_f.cps and cfg_f.css and cfg_f.use_proto_head
 
-  mh = posebh_configs.get_config(a.size)
-  mh.train.batch_size = a.batch
-  mh.model.use_proto_head = False
+  mh = config(use_proto_head=False)
   _, state_m, fn_m, cfg_m = _build(mh, mesh, None)
   assert not cfg_m.use_proto_head
 
@@ -112,13 +123,19 @@ def main() -> None:
   t_f, flops_f, _ = _time(fn_f, state_f, batch, a.repeats)
 
   m = full.model
-  print(f"device: {jax.devices()[0].device_kind} x{mesh.size}; size {a.size} (ViT {m.embed_dim}-d, "
-        f"depth {m.depth}), input {tuple(full.data.image_size)}, global batch {a.batch}, "
-        f"{a.repeats} timed steps each (median)")
-  print(f"multi-head step (ViTPose++):        {t_m * 1e3:10.1f} ms   "
-        f"{flops_m / a.batch / 1e9:8.2f} GFLOP/image")
-  print(f"PoseBH step (proto + CPS + CSS):    {t_f * 1e3:10.1f} ms   "
-        f"{flops_f / a.batch / 1e9:8.2f} GFLOP/image")
+  print(f"device: {jax.devices()[0].device_kind} x{mesh.size} (mesh {dict(mesh.shape)}); size "
+        f"{a.size} (ViT {m.embed_dim}-d, depth {m.depth}), {a.dtype} compute, input "
+        f"{tuple(full.data.image_size)}, global batch {a.batch}, {a.repeats} timed steps each "
+        "(median)")
+  per_device_batch = a.batch / mesh.size  # XLA's FLOPs are per device.
+
+  def row(name, t, flops):
+    u = throughput.mfu(flops, t)
+    mfu = f"MFU {100 * u:5.1f} %" if u is not None else "MFU n/a (peak unknown)"
+    print(f"{name:36s}{t * 1e3:10.1f} ms  {a.batch / t:9.1f} img/s  "
+          f"{flops / per_device_batch / 1e9:8.2f} GFLOP/image  {mfu}")
+  row("multi-head step (ViTPose++):", t_m, flops_m)
+  row("PoseBH step (proto + CPS + CSS):", t_f, flops_f)
   print(f"overhead ratio (time):  {t_f / t_m:.3f}   (goal <= 1.10)")
   print(f"overhead ratio (FLOPs): {flops_f / flops_m:.3f}")
 

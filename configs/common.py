@@ -10,14 +10,22 @@ import ml_collections
 
 
 def dataset_entry(*, skeleton: str, train_ann: str, val_ann: str, image_dir: str,
-                  weight: float = 1.0, encoding: str = "msra") -> ml_collections.ConfigDict:
+                  weight: float = 1.0, encoding: str = "msra", format: str = "coco",
+                  half_body: bool = True, val_det: str = "", val_image_dir: str = ""
+                  ) -> ml_collections.ConfigDict:
   """One training dataset: which skeleton it annotates, its files, mixing weight, target encoding.
 
   `encoding` is "udp" (UDP affine + UDP target, spec §4.4) or "msra" (standard affine + MSRA).
+  `format` is the annotation format (`data_pipelines.readers.FORMATS`: "coco", "aic", "mpii",
+  "ap10k", "apt36k", "coco_wholebody"); it is also the TFDS builder config when the records come
+  from `data.tfds_dir`. `half_body`: whether the half-body transform runs for this dataset
+  (MPII: off, spec §4.1). `val_det`: detection boxes for evaluation (COCO formats; "" = ground
+  truth boxes). `val_image_dir`: where the validation images are ("" = `image_dir`).
   """
   return ml_collections.ConfigDict(dict(
       skeleton=skeleton, train_ann=train_ann, val_ann=val_ann, image_dir=image_dir,
-      weight=weight, encoding=encoding))
+      weight=weight, encoding=encoding, format=format, half_body=half_body, val_det=val_det,
+      val_image_dir=val_image_dir))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.root = ""
+  # Where the datasets' TFDS ArrayRecord builds are (`python -m data_pipelines.build_tfds`);
+  # "" = read the annotation files and images directly. Local or gs://.
+  c.data.tfds_dir = ""
+  # The reference's training-time box-centre jitter of COCO-format ground truth (spec §4.3
+  # step 4), seeded by `seed`; never for MPII, detections or evaluation.
+  c.data.center_jitter = False
   c.data.dataset_names = ()
   c.data.datasets = ml_collections.ConfigDict()
   c.data.image_size = (256, 192)  # (H, W).
@@ -76,11 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
       css_conf_thr=0.25, css_match_dist=2.1, css_sigma=2.0, css_dark_kernel=11,
   ))
 
-  # When the second PoseBH stage starts (reference: all at epoch 50). Steps; -1 = never.
+  # The stage schedule (spec §3.2; posebh_jax/train/schedule.py). Steps; -1 = never.
   c.schedule = ml_collections.ConfigDict(dict(
       proto_freeze_step=-1,  # Keypoint prototypes stop their EMA updates.
       cps_start_step=-1,  # Prototypes are clustered and the CPS loss starts.
       css_start_step=-1,  # Cross-type self-supervision starts.
+      # The reference's freeze hooks per parameter group, "freeze,<step>" / "thaw,<step>" in
+      # order; empty = trains throughout.
+      freeze_hooks=ml_collections.ConfigDict(dict(backbone=(), heads=(), proto_head=())),
   ))
 
   # Reference-implementation behaviour per defect of spec §6 (posebh_jax/compat.py); all False =
@@ -88,12 +105,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference_compat = ml_collections.ConfigDict(dict(
       css_pseudo_keypoint=False, css_peak_distance=False, proto_logit_offset=False,
       sinkhorn_local_column=False, correct_mask_local=False, cps_topk_sort=False,
-      cps_target_order=False))
+      cps_target_order=False,
+      # 6.8: the freeze hooks' bookkeeping (a second 'freeze' locks a group: ViT-B's backbone
+      # is never thawed). Acts on the schedule (posebh_jax/train/schedule.py).
+      freeze_hook_bookkeeping=False))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,
-      warmup_steps=500, schedule="cosine", clip_norm=1.0, log_every=50, checkpoint_every=500,
-      keep_checkpoints=3, eval_at_end=True))
+      # Linear warmup from warmup_ratio·lr, then "step" (×decay_factor from each of
+      # decay_steps on), "cosine" or "constant" (posebh_jax/train/optimizer.py).
+      warmup_steps=500, warmup_ratio=1e-3, schedule="cosine", decay_steps=(), decay_factor=0.1,
+      # Layer-wise lr decay rate^(L−1−layer) over num_layers + 2 layers (-1: model.depth);
+      # 1.0 = off.
+      layer_decay=1.0, layer_decay_num_layers=-1,
+      clip_norm=1.0, log_every=50, checkpoint_every=500, keep_checkpoints=3, eval_at_end=True,
+      # Evaluate (posebh_jax/train/loop.py::evaluate) every this many steps; -1 = off.
+      eval_every=-1))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64, pck_thresholds=(0.05, 0.1), flip_test=False))
@@ -102,8 +129,20 @@ def base_config() -> ml_collections.ConfigDict:
   # output, e.g. ViTPose++ for PoseBH, spec §3.1); "" = random initialisation.
   c.init = ml_collections.ConfigDict(dict(weights=""))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))  # -1: all devices on the data axis.
+  # Devices per parameter shard group (fsdp) and data-parallel replicas (data; -1: all the
+  # remaining devices); leaves under fsdp_min_size elements stay replicated.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
+
+  # Multi-process runs (posebh_jax/main_train.py): jax.distributed.initialize() arguments; empty
+  # / -1 = detected from the environment (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS, ...).
+  c.distributed = ml_collections.ConfigDict(dict(
+      enabled=False, coordinator_address="", num_processes=-1, process_id=-1))
   return c
+
+
+def epochs(n: float, steps_per_epoch: int) -> int:
+  """The first step of epoch `n` (0-based), for schedules written in epochs as the reference's."""
+  return int(n * steps_per_epoch + 1e-9)  # Floor; the epsilon absorbs float error.
 
 
 def set_stage2(c: ml_collections.ConfigDict, step: int) -> None:

@@ -17,7 +17,12 @@ The ViTPose++-style baseline (multi-head only) on the same data, for comparison:
 
   posebh-train --config=configs/synthetic.py:baseline --workdir=/tmp/posebh_synthetic_baseline
 
-`get_config("tiny")` shrinks everything for tests.
+`get_config("tiny")` shrinks everything for tests; `steps=N` sets the run length (stage change
+at 2/3). `posebh_b` is PoseBH-B with the reference's whole recipe (three phases of freeze hooks,
+layer decay, step lr) on this data, compressed into `steps=N` steps (default 12; CPU: about a
+minute per step):
+
+  posebh-train --config=configs/synthetic.py:posebh_b,steps=12 --workdir=/tmp/posebh_b_synthetic
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
+from configs import posebh as posebh_configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -36,10 +42,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       everything for tests. E.g. `configs/synthetic.py:baseline,tiny`.
   """
   opts = set(filter(None, (arg or "").split(",")))
-  unknown = opts - {"baseline", "tiny"}
-  if unknown:
-    raise ValueError(f"configs/synthetic.py: unknown options {sorted(unknown)}; "
-                     "expected 'baseline' and/or 'tiny'")
+  steps = [o for o in opts if o.startswith("steps=")]
+  opts -= set(steps)
+  unknown = opts - {"baseline", "tiny", "posebh_b"}
+  if unknown or len(steps) > 1 or not all(s.removeprefix("steps=").isdigit() for s in steps):
+    raise ValueError(f"configs/synthetic.py: unknown or bad options {sorted(unknown) or steps}; "
+                     "expected 'baseline', 'tiny', 'posebh_b' and/or one 'steps=<N>'")
+  if "posebh_b" in opts:
+    return _posebh_b(get_config("baseline" if "baseline" in opts else None),
+                     int(steps[0].removeprefix("steps=")) if steps else 12,
+                     baseline="baseline" in opts)
   config = common.base_config()
 
   # --- Data ---------------------------------------------------------------------------------------
@@ -128,4 +140,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.synthetic.num_val = 8
     data.synthetic.image_size = (96, 96)
     common.set_stage2(config, -1 if "baseline" in opts else 2)
+  if steps:
+    # The run's length; the stage change stays at 2/3 of it as in the default (600 of 900).
+    config.train.num_steps = int(steps[0].removeprefix("steps="))
+    if config.model.use_proto_head:
+      common.set_stage2(config, (2 * config.train.num_steps) // 3)
+  return config
+
+
+def _posebh_b(synthetic: ml_collections.ConfigDict, num_steps: int, *, baseline: bool
+              ) -> ml_collections.ConfigDict:
+  """PoseBH-B (or ViTPose++-B) exactly as `configs/posebh.py:b` builds it — model, optimizer
+  (layer decay 0.75, step lr), loss weights, the three phases of freeze hooks, CPS/CSS — on the
+  synthetic data, with the 100-epoch recipe compressed into `num_steps` steps
+  (`posebh.scale_recipe`). Input 256×192 as the reference; batch 2 (CPU: about a minute per
+  step). For checking the real recipe end to end, not for accuracy.
+  """
+  config = posebh_configs.get_config("vitpose_b" if baseline else "b")
+  data = synthetic.data
+  data.image_size, data.heatmap_size = config.data.image_size, config.data.heatmap_size
+  data.center_jitter = False
+  config.data = data
+  config.model.proto.num_clusters = synthetic.model.proto.num_clusters  # 48 keypoints, not 214.
+  config.eval = synthetic.eval
+  config.eval.batch_size = 8
+  config.train.batch_size = 2
+  config.train.log_every = 1
+  posebh_configs.scale_recipe(config, num_steps, "b")
   return config

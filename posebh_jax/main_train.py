@@ -8,6 +8,8 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,7 +19,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Job directory: checkpoints, events, eval/.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / GPU clusters).")
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / GPU clusters); "
+    "same as --config.distributed.enabled=True.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,11 +30,31 @@ def main(argv) -> None:
   import jax  # After flag parsing, so --jax_* flags apply.
   # Random bits that do not depend on how arrays are partitioned: the same step on 1 or 8 devices.
   jax.config.update("jax_threefry_partitionable", True)
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  config = _CONFIG.value
+  if _DISTRIBUTED.value or config.distributed.enabled:
+    initialize_distributed(config.distributed)
   setup_logging()
   from posebh_jax.train import loop
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.train_and_evaluate(config, _WORKDIR.value)
+  except loop.NonFiniteLossError as e:
+    # The diagnosis is the message (which terms, last good checkpoint); no traceback needed.
+    print(f"posebh-train: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def initialize_distributed(dist) -> None:
+  """`jax.distributed.initialize` from `config.distributed` (unset fields: auto-detected from
+  the cluster environment, e.g. TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS etc.)."""
+  import jax
+  kwargs = {}
+  if dist.coordinator_address:
+    kwargs["coordinator_address"] = dist.coordinator_address
+  if dist.num_processes > 0:
+    kwargs["num_processes"] = dist.num_processes
+  if dist.process_id >= 0:
+    kwargs["process_id"] = dist.process_id
+  jax.distributed.initialize(**kwargs)
 
 
 def run() -> None:

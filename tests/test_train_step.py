@@ -1,16 +1,20 @@
-"""The jitted train step: 1 device vs a mesh of 8, compiled once, prototypes outside the optimizer.
+"""The jitted train step: 1 device vs meshes of 8 (data=8, and data=2 × fsdp=4), compiled once,
+prototypes outside the optimizer, parameters sharded by fsdp.
 
 Why two optimizers: parameters whose true gradient is zero (conv biases directly followed by
 BatchNorm, which removes any constant) get gradients of pure float noise, and Adam divides by
 sqrt(v) + eps, turning that noise into steps of ±lr whose sign depends on reduction order. With
-a linear optimizer (SGD) every parameter must agree across device counts to float precision over
+a linear optimizer (SGD) every parameter must agree across meshes to float precision over
 several steps; with the real AdamW one step (in warmup) must agree as well.
+
+Runs are cached (`_run`) and shared between tests: each distinct run compiles once per session.
 """
 
 import dataclasses
+import functools
 
-import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -20,11 +24,22 @@ from data_pipelines import pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, optimizer, sharding, step as step_lib
 
+# (data, fsdp) per mesh name; fsdp leaves from 64 elements so that the tiny model shards.
+_MESHES = {"1": (1, 1), "8": (8, 1), "2x4": (2, 4)}
+_FSDP_MIN_SIZE = 64
 
-def _setup():
+
+def _setup(mesh_name="8", dtype="float32"):
   cfg = synthetic.get_config("tiny")
+  cfg.model.dtype = dtype
+  cfg.mesh.data, cfg.mesh.fsdp = _MESHES[mesh_name]
+  cfg.mesh.fsdp_min_size = _FSDP_MIN_SIZE
   layout = experiment.build_layout(cfg)
   return cfg, layout, experiment.build_model(cfg, layout)
+
+
+def _mesh(cfg):
+  return sharding.make_mesh(cfg.mesh, jax.devices()[:cfg.mesh.data * cfg.mesh.fsdp])
 
 
 def _batch(cfg, layout, seed):
@@ -37,29 +52,75 @@ def _batch(cfg, layout, seed):
               skeleton_mask=layout.skeleton_mask()[ds])
 
 
-def _run(num_devices, num_steps, tx=None, step_cfg_overrides=None, stage2=False):
+class _SGD:
+  """A linear optimizer with the train step's optimizer interface (every group trains)."""
+
+  def __init__(self, lr):
+    self.lr = lr
+    self.groups = optimizer.GROUPS
+
+  def init(self, params):
+    return {}
+
+  def update(self, grads, opt_state, params, *, step, trainable):
+    new = dict(params)
+    for k, g in grads.items():
+      new[k] = jax.tree_util.tree_map(lambda p, g: p - self.lr * g, params[k], g)
+    return new, opt_state, {"grad_norm": optax.tree.norm(grads)}
+
+  def group_learning_rates(self, step):
+    return {g: jnp.float32(self.lr) for g in self.groups}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  initial: object  # State before the first step (host copy).
+  states: list  # State after each step (host copies).
+  metrics: list
+  compiles_first_step: int  # XLA compilations during step 1 (the step itself, helpers).
+  compiles_after_first_step: int  # XLA compilations during steps 2..N (0: compiled once).
+
+  @property
+  def final(self):
+    return self.states[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _run(mesh_name, num_steps, sgd_lr=None, overrides=(), stage2=False, dtype="float32") -> Run:
   """Runs `num_steps` steps; `stage2`: prototypes frozen and clustered, CPS and CSS on."""
-  cfg, layout, model = _setup()
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:num_devices])
-  state, _, shard, real_tx = loop.create_train_state(cfg, model, layout, mesh)
+  cfg, layout, model = _setup(mesh_name, dtype)
+  mesh = _mesh(cfg)
+  state, _, shard, tx = loop.create_train_state(cfg, model, layout, mesh)
   if stage2:
     state = loop.cluster_state(cfg, state, shard)
-  if tx is not None:
-    state = state.replace(opt_state=jax.device_put(tx.init(state.params), sharding.replicated(mesh)))
-    shard = shard.replace(opt_state=jax.tree_util.tree_map(lambda _: sharding.replicated(mesh),
-                                                           state.opt_state))
+  if sgd_lr is not None:
+    tx = _SGD(sgd_lr)
+    state, shard = state.replace(opt_state={}), shard.replace(opt_state={})
   scfg = loop.step_config(cfg, layout)
   if stage2:
     scfg = dataclasses.replace(scfg, update_prototypes=False, cps=True, css=True)
-  if step_cfg_overrides:
-    scfg = dataclasses.replace(scfg, **step_cfg_overrides)
-  fn = step_lib.make_train_step(model, tx or real_tx, scfg, mesh, shard)
+  scfg = dataclasses.replace(scfg, **dict(overrides))
+  fn = step_lib.make_train_step(model, tx, scfg, mesh, shard)
   initial = jax.device_get(state)
-  metrics = []
-  for i in range(num_steps):
-    state, m = fn(state, pipeline.to_global_batch(_batch(cfg, layout, i), mesh))
-    metrics.append(jax.device_get(m))
-  return initial, jax.device_get(state), metrics
+  states, metrics = [], []
+  # Counts XLA backend compilations (jit's own dispatch cache may add entries without one).
+  compiles = []
+  listener = lambda event, secs, **kw: compiles.append(event) if event == _COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for i in range(num_steps):
+      if i == 1:
+        after_first = len(compiles)
+      state, m = fn(state, pipeline.to_global_batch(_batch(cfg, layout, i), mesh))
+      states.append(jax.device_get(state))
+      metrics.append(jax.device_get(m))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  after_first = after_first if num_steps > 1 else len(compiles)
+  return Run(initial, states, metrics, after_first, len(compiles) - after_first)
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 _STATE_ARRAYS = ("params", "batch_stats", "prototypes", "cluster_prototypes", "cluster_keypoint")
@@ -73,63 +134,87 @@ def _assert_states_close(a, b, atol, names=_STATE_ARRAYS):
                                  err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.parametrize("mesh_name", ["8", "2x4"])
 @pytest.mark.parametrize("stage2", [False, True], ids=["stage1_ema", "stage2_cps_css"])
-def test_eight_devices_equal_one_device_sgd_three_steps(stage2):
+def test_meshes_equal_one_device_sgd_three_steps(stage2, mesh_name):
   # Stage 1 includes the Gumbel-sampled EMA update of the prototypes over the global batch;
-  # stage 2 the clustered table, CPS and CSS.
+  # stage 2 the clustered table, CPS and CSS. data=8 is pure data parallelism; data=2 × fsdp=4
+  # also shards the parameters (and the batch over all 8 devices).
   assert len(jax.devices()) == 8
-  _, one, m1 = _run(1, 3, tx=optax.sgd(0.05), stage2=stage2)
-  _, eight, m8 = _run(8, 3, tx=optax.sgd(0.05), stage2=stage2)
-  assert int(one.step) == int(eight.step) == 3
-  _assert_states_close(one, eight, atol=2e-6)
-  for a, b in zip(m1, m8):
+  one = _run("1", 3, sgd_lr=0.05, stage2=stage2)
+  other = _run(mesh_name, 3, sgd_lr=0.05, stage2=stage2)
+  assert int(one.final.step) == int(other.final.step) == 3
+  _assert_states_close(one.final, other.final, atol=2e-6)
+  for a, b in zip(one.metrics, other.metrics):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
 
 
-def test_eight_devices_equal_one_device_adamw_step():
-  before, one, m1 = _run(1, 1)
-  _, eight, m8 = _run(8, 1)
-  _assert_states_close(one, eight, atol=1e-6, names=("batch_stats", "prototypes",
-                                                      "cluster_prototypes"))
-  for k in m1[0]:
-    np.testing.assert_allclose(m1[0][k], m8[0][k], rtol=1e-5, err_msg=k)
+def test_eight_devices_equal_one_device_adamw_step_and_compile_once():
+  one = _run("1", 1)
+  eight = _run("8", 3)
+  # Three steps, one compilation (the listener does see the first one).
+  assert eight.compiles_first_step >= 1 and eight.compiles_after_first_step == 0
+  assert int(eight.final.step) == 3 and np.isfinite(eight.metrics[-1]["loss/total"])
+  a, b = one.states[0], eight.states[0]
+  _assert_states_close(a, b, atol=1e-6, names=("batch_stats", "prototypes", "cluster_prototypes"))
+  for k in one.metrics[0]:
+    np.testing.assert_allclose(one.metrics[0][k], eight.metrics[0][k], rtol=1e-5, err_msg=k)
   # Adam's first step is lr·g/(|g|+eps): a gradient that is float noise around zero (e.g. a conv
   # bias feeding BatchNorm) can flip sign between reduction orders. Allow that for a handful of
   # elements, bounded by 2·lr, and nothing more.
   lr0 = float(optimizer.learning_rate_schedule(synthetic.get_config("tiny").train)(0))
   off = total = 0
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(one.params)[0],
-                          jax.tree_util.tree_leaves(eight.params)):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a.params)[0],
+                          jax.tree_util.tree_leaves(b.params)):
     off += int(np.sum(np.abs(x - y) > 1e-6 + 1e-5 * np.abs(x)))
     total += x.size
     assert np.all(np.abs(x - y) <= 2 * lr0 + 1e-6), jax.tree_util.keystr(path)
   assert off / total <= 2e-3, (off, total)
-  assert any(np.abs(x - x0).max() > 0 for x, x0 in zip(jax.tree_util.tree_leaves(one.params),
-                                                        jax.tree_util.tree_leaves(before.params)))
+  assert any(np.abs(x - x0).max() > 0 for x, x0 in zip(jax.tree_util.tree_leaves(a.params),
+                                                        jax.tree_util.tree_leaves(one.initial.params)))
+  assert one.metrics[0]["lr/heads"] == pytest.approx(lr0)
 
 
-def test_step_compiles_once(monkeypatch):
-  monkeypatch.setattr(step_lib, "train_step", chex.assert_max_traces(step_lib.train_step, n=1))
-  _, state, metrics = _run(8, 3)
-  assert int(state.step) == 3 and np.isfinite(metrics[-1]["loss/total"])
+def test_fsdp_shards_params_and_optimizer_state():
+  sizes = {}
+  for name in ("8", "2x4"):
+    cfg, layout, model = _setup(name)
+    state, _, shard, _ = loop.create_train_state(cfg, model, layout, _mesh(cfg))
+    sizes[name] = (sharding.per_device_bytes(state.params),
+                   sharding.per_device_bytes(state.opt_state))
+    kernel = state.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]  # [32, 128]
+    assert kernel.sharding == shard.params["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    mu = state.opt_state["backbone"].mu["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    if name == "2x4":  # Largest divisible dimension (128) on fsdp; moments alike.
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+      assert mu.sharding.spec == kernel.sharding.spec
+      assert kernel.addressable_shards[0].data.shape == (32, 32)
+    else:
+      assert kernel.addressable_shards[0].data.shape == (32, 128)
+  (p8, o8), (p24, o24) = sizes["8"], sizes["2x4"]
+  assert p24 < 0.4 * p8 and o24 < 0.4 * o8, sizes
+  assert sharding.fsdp_spec((3, 128, 8), 4, 64) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding.fsdp_spec((30,), 4, 8) == jax.sharding.PartitionSpec()  # Not divisible.
+  assert sharding.fsdp_spec((32, 32), 4, 2048) == jax.sharding.PartitionSpec()  # Small.
 
 
 def test_prototypes_change_only_by_ema_and_only_with_target_pixels():
-  before, after, m = _run(1, 2, tx=optax.sgd(0.01))
-  assert not np.allclose(before.prototypes, after.prototypes)
-  assert m[0]["proto/pixels"] > 0
+  run = _run("1", 3, sgd_lr=0.05)
+  assert not np.allclose(run.initial.prototypes, run.final.prototypes)
+  assert run.metrics[0]["proto/pixels"] > 0
   # No pixel passes the sampling threshold: the EMA has nothing to follow, and no gradient ever
   # reaches the prototypes, so they stay exactly as initialised.
-  before, after, m = _run(1, 2, tx=optax.sgd(0.01),
-                          step_cfg_overrides=dict(sample_threshold=2.0))
-  np.testing.assert_array_equal(before.prototypes, after.prototypes)
-  assert m[0]["proto/pixels"] == 0
-  assert "prototypes" not in str(jax.tree_util.tree_structure(after.opt_state))
+  none = _run("1", 2, sgd_lr=0.01, overrides=(("sample_threshold", 2.0),))
+  np.testing.assert_array_equal(none.initial.prototypes, none.final.prototypes)
+  assert none.metrics[0]["proto/pixels"] == 0
+  real = _run("1", 1)
+  assert "prototypes" not in str(jax.tree_util.tree_structure(real.final.opt_state))
 
 
 def test_stage2_freezes_prototypes_and_uses_the_clustered_table():
-  before, after, m = _run(1, 2, tx=optax.sgd(0.01), stage2=True)
+  run = _run("1", 3, sgd_lr=0.05, stage2=True)
+  before, after, m = run.initial, run.final, run.metrics
   np.testing.assert_array_equal(before.prototypes, after.prototypes)
   np.testing.assert_array_equal(before.cluster_prototypes, after.cluster_prototypes)
   c = before.cluster_keypoint
@@ -142,17 +227,32 @@ def test_stage2_freezes_prototypes_and_uses_the_clustered_table():
 
 
 def test_proto_head_learns_only_from_the_prototype_loss():
-  before, after, _ = _run(1, 1, tx=optax.sgd(0.1), step_cfg_overrides=dict(phm_weight=0.0, proto_weight=0.0))
-  for x, y in zip(jax.tree_util.tree_leaves(before.params["proto_head"]),
-                  jax.tree_util.tree_leaves(after.params["proto_head"])):
+  # No target pixel: both prototype losses (CE and prototype heatmaps) vanish, and the prototype
+  # head gets no gradient at all, while the heatmap heads learn.
+  none = _run("1", 2, sgd_lr=0.01, overrides=(("sample_threshold", 2.0),))
+  for x, y in zip(jax.tree_util.tree_leaves(none.initial.params["proto_head"]),
+                  jax.tree_util.tree_leaves(none.final.params["proto_head"])):
     np.testing.assert_array_equal(x, y)
-  assert not np.allclose(before.params["heads_0"]["final_layer"]["kernel"],
-                         after.params["heads_0"]["final_layer"]["kernel"])
-  before, after, _ = _run(1, 1, tx=optax.sgd(0.1))
-  moved = [not np.allclose(x, y) for x, y in zip(
-      jax.tree_util.tree_leaves(before.params["proto_head"]),
-      jax.tree_util.tree_leaves(after.params["proto_head"]))]
-  assert any(moved)
+  assert not np.allclose(none.initial.params["heads_0"]["final_layer"]["kernel"],
+                         none.final.params["heads_0"]["final_layer"]["kernel"])
+  run = _run("1", 3, sgd_lr=0.05)
+  assert any(not np.allclose(x, y) for x, y in zip(
+      jax.tree_util.tree_leaves(run.initial.params["proto_head"]),
+      jax.tree_util.tree_leaves(run.final.params["proto_head"])))
+
+
+def test_bfloat16_compute_keeps_float32_state_and_stays_close():
+  # Spec §2.8: bf16 matmuls in backbone and heads; parameters, optimizer state, prototypes and
+  # every loss in float32.
+  f32, bf16 = _run("1", 1), _run("1", 1, dtype="bfloat16")
+  for name in ("params", "opt_state", "batch_stats", "prototypes", "cluster_prototypes"):
+    for x in jax.tree_util.tree_leaves(getattr(bf16.final, name)):
+      assert x.dtype in (np.float32, np.int32), (name, x.dtype)
+  for k, v in f32.metrics[0].items():
+    if k.startswith("loss/") and abs(v) > 1e-6:
+      assert abs(bf16.metrics[0][k] - v) <= 0.05 * abs(v) + 1e-6, (k, v, bf16.metrics[0][k])
+  np.testing.assert_allclose(bf16.metrics[0]["grad_norm"], f32.metrics[0]["grad_norm"], rtol=0.1)
+  assert bf16.metrics[0]["finite"]
 
 
 def test_non_divisible_batch_fails_loudly():
@@ -165,7 +265,8 @@ def test_non_divisible_batch_fails_loudly():
 def test_prototype_loss_does_not_reach_the_backbone_when_detached():
   # Only the prototype-heatmap loss: the detached backbone (the default) must not move, while the
   # prototype head does.
-  before, after, _ = _run(1, 1, tx=optax.sgd(0.1), step_cfg_overrides=dict(heatmap_weight=0.0))
+  run = _run("1", 1, sgd_lr=0.1, overrides=(("heatmap_weight", 0.0),))
+  before, after = run.initial, run.final
   for x, y in zip(jax.tree_util.tree_leaves(before.params["backbone"]),
                   jax.tree_util.tree_leaves(after.params["backbone"])):
     np.testing.assert_array_equal(x, y)

@@ -9,6 +9,7 @@ since the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -22,14 +23,15 @@ import tqdm
 
 from data_pipelines import pipeline
 from posebh_jax import experiment
-from posebh_jax.compat import ReferenceCompat
 from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
+from posebh_jax.train import schedule as schedule_lib
 from posebh_jax.train import sharding as sharding_lib
 from posebh_jax.train import state as state_lib
 from posebh_jax.train import step as step_lib
+from posebh_jax.train import throughput
 
 log = logging.getLogger("posebh")
 
@@ -51,27 +53,21 @@ def step_config(config: ml_collections.ConfigDict, layout) -> step_lib.StepConfi
       css_weight=loss.css_weight, css_conf_thr=loss.css_conf_thr,
       css_match_dist=loss.css_match_dist, css_sigma=loss.css_sigma,
       css_dark_kernel=loss.css_dark_kernel,
-      compat=ReferenceCompat.from_mapping(config.reference_compat.to_dict()))
-
-
-def _started(start: int, step: int) -> bool:
-  return 0 <= start <= step
+      compat=schedule_lib.step_compat(config))
 
 
 def stage_config(config: ml_collections.ConfigDict, base: step_lib.StepConfig,
                  step: int) -> step_lib.StepConfig:
-  """The step settings in force at optimizer step `step` (spec §3.2 stage schedule)."""
-  s = config.schedule
-  proto = bool(config.model.use_proto_head)
-  return dataclasses.replace(
-      base, update_prototypes=proto and not _started(s.proto_freeze_step, step),
-      cps=proto and _started(s.cps_start_step, step),
-      css=proto and _started(s.css_start_step, step))
+  """The step's loss settings in force at optimizer step `step` (spec §3.2 stage schedule)."""
+  stage = schedule_lib.stage_at(config, step)
+  return dataclasses.replace(base, update_prototypes=stage.update_prototypes, cps=stage.cps,
+                             css=stage.css)
 
 
 def validate_config(config: ml_collections.ConfigDict, layout) -> None:
   """Checks the PoseBH settings that would otherwise fail deep inside a compiled step."""
   s = config.schedule
+  schedule_lib.stage_boundaries(config)  # Parses the freeze-hook events: bad ones fail here.
   if config.model.use_proto_head and s.cps_start_step >= 0:
     c, j = config.model.proto.num_clusters, layout.total_keypoints
     if not 0 < c < j:
@@ -90,16 +86,16 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, layout, mesh)
     (init_fn, abstract state whose leaves carry their shardings, shardings, optimizer).
   """
   init_fn = state_lib.make_init_fn(
-      model, lambda p: optimizer_lib.make_optimizer(config.train, p),
+      model, lambda p: optimizer_lib.make_optimizer(config, p),
       image_size_hw=tuple(config.data.image_size),
       num_prototype_keypoints=layout.total_keypoints,
       num_in_class=config.model.proto.num_in_class, embed_dim=config.model.proto.out_channels,
       num_clusters=config.model.proto.num_clusters)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  shardings = sharding_lib.state_shardings(mesh, abstract)
+  shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   abstract = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  tx = optimizer_lib.make_optimizer(config.train, abstract.params)
+  tx = optimizer_lib.make_optimizer(config, abstract.params)
   return init_fn, abstract, shardings, tx
 
 
@@ -155,7 +151,7 @@ def cluster_state(config: ml_collections.ConfigDict, state, state_shardings):
   and one resumed after it restores the table from its checkpoint.
   """
   p = config.model.proto
-  compat = ReferenceCompat.from_mapping(config.reference_compat.to_dict())
+  compat = schedule_lib.step_compat(config)
   table, keypoint = objective.init_clusters(
       state.prototypes, p.num_clusters, iterations=p.cluster_iterations, beta=p.cluster_beta,
       compat=compat)
@@ -165,6 +161,87 @@ def cluster_state(config: ml_collections.ConfigDict, state, state_shardings):
   log.info("step %d: clustered %d keypoint prototypes into %d cluster prototypes (CPS)",
            int(jax.device_get(state.step)), state.prototypes.shape[0], p.num_clusters)
   return state.replace(cluster_prototypes=table, cluster_keypoint=keypoint)
+
+
+class StageSteps:
+  """The compiled train step of the stage in force at each step.
+
+  Compiles at most once per distinct stage (loss flags and trainable groups): a run crossing the
+  reference's three phases compiles three steps, whatever its length. Each is compiled ahead of
+  time (`lower(...).compile()`), which also gives XLA's FLOP count for MFU.
+  """
+
+  def __init__(self, config, layout, model, tx, mesh, state_shardings):
+    self._config, self._model, self._tx = config, model, tx
+    self._mesh, self._shardings = mesh, state_shardings
+    self._base = step_config(config, layout)
+    self.compiled: dict[tuple, Any] = {}
+    self.flops: dict[tuple, float | None] = {}
+
+  def stage(self, step: int) -> tuple[step_lib.StepConfig, tuple[str, ...]]:
+    cfg = stage_config(self._config, self._base, step)
+    trainable = schedule_lib.stage_at(self._config, step, self._tx.groups).trainable
+    return cfg, trainable
+
+  def run(self, step: int, state, batch):
+    """Runs step `step` (compiling its stage first if new). → (state, metrics)."""
+    key = self.stage(step)
+    if key not in self.compiled:
+      cfg, trainable = key
+      log.info("step %d: compiling the train step for stage (trainable %s; prototype EMA %s, "
+               "CPS %s, CSS %s)", step, ",".join(trainable) or "nothing",
+               cfg.update_prototypes, cfg.cps, cfg.css)
+      fn = step_lib.make_train_step(self._model, self._tx, cfg, self._mesh, self._shardings,
+                                    trainable)
+      self.compiled[key] = fn.lower(state, batch).compile()
+      self.flops[key] = throughput.compiled_flops(self.compiled[key])
+    return self.compiled[key](state, batch)
+
+  def flops_at(self, step: int) -> float | None:
+    """XLA's FLOPs per device of one step of `step`'s stage (None before it is compiled)."""
+    return self.flops.get(self.stage(step))
+
+
+def enter_step(config: ml_collections.ConfigDict, state, step: int, tx, state_shardings):
+  """Stage changes that touch the state, at the start of `step` (before its update).
+
+  Clusters the prototypes where CPS starts; restarts the Adam state of groups thawed at this
+  step. Both are functions of the step and of state that a checkpoint holds, so a run resumed
+  at any step does exactly what an uninterrupted run does.
+  """
+  if config.model.use_proto_head and step == config.schedule.cps_start_step:
+    state = cluster_state(config, state, state_shardings)
+  thawed = schedule_lib.thawed_at(config, step, tx.groups)
+  if thawed:
+    log.info("step %d: thawing %s (fresh Adam state)", step, ", ".join(thawed))
+    reset = jax.jit(lambda o: tx.reset_groups(o, thawed), out_shardings=state_shardings.opt_state,
+                    donate_argnums=(0,))
+    state = state.replace(opt_state=reset(state.opt_state))
+  return state
+
+
+def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Raises NonFiniteLossError naming the non-finite terms if the step's flag is False.
+
+  Args:
+    pending: (step count after the step, its on-device metrics) or None.
+  """
+  if pending is None or bool(pending[1]["finite"]):
+    return
+  done, metrics = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+  raise NonFiniteLossError(
+      f"non-finite training loss at step {done}: {bad}; stopped without saving; last good "
+      f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+
+
+def write_train_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
+  """TensorBoard scalars `train/<name>` and one JSON line in `<workdir>/train_metrics.jsonl`."""
+  for k, v in metrics.items():
+    writer.add_scalar(f"train/{k}", v, step)
+  with open(os.path.join(workdir, "train_metrics.jsonl"), "a") as f:
+    f.write(json.dumps(dict(step=step, **metrics)) + "\n")
 
 
 def _is_writer() -> bool:
@@ -221,16 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state.step))
 
   # --- Step (one compiled function per stage) ----------------------------------------------
-  base_cfg = step_config(config, layout)
-  compiled: dict[step_lib.StepConfig, Any] = {}
-
-  def step_fn(step: int):
-    cfg = stage_config(config, base_cfg, step)
-    if cfg not in compiled:
-      log.info("step %d: compiling the train step for stage (prototype EMA %s, CPS %s, CSS %s)",
-               step, cfg.update_prototypes, cfg.cps, cfg.css)
-      compiled[cfg] = step_lib.make_train_step(model, tx, cfg, mesh, state_shardings)
-    return compiled[cfg]
+  step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings)
 
   writer = None
   if _is_writer():
@@ -238,47 +306,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   # --- Loop ---------------------------------------------------------------------------------------
+  # Every step's finiteness flag is read after the NEXT step has been dispatched, so the host
+  # never waits on the device for it; before a checkpoint the current step's flag is read, so a
+  # checkpoint never holds a non-finite state.
   num_steps = config.train.num_steps
   last_metrics: dict[str, float] = {}
   bar = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
                   disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True)
   t_log, steps_since_log = time.time(), 0
+  preemption = checkpoint_lib.PreemptionWatch(ckpt)
+  pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
+  stopped_at = None
   try:
     for step in range(start_step, num_steps):
-      if config.model.use_proto_head and step == config.schedule.cps_start_step:
-        state = cluster_state(config, state, state_shardings)
+      if preemption.should_stop(step):
+        check_finite(pending, ckpt)
+        pending = None
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state, data_iter, meta, force=True)
+        ckpt.wait()
+        msg = (f"posebh-train: stopped at step {step} (preemption/SIGTERM); checkpoint saved "
+               f"in {ckpt.directory}; rerun the same command to resume")
+        log.warning(msg)
+        print(msg, flush=True)
+        stopped_at = step
+        break
+      state = enter_step(config, state, step, tx, state_shardings)
       batch = pipeline.to_global_batch(next(data_iter), mesh)
-      state, metrics = step_fn(step)(state, batch)
+      state, metrics = step_fn.run(step, state, batch)
+      check_finite(pending, ckpt)
+      done = step + 1
+      pending = (done, metrics)
       steps_since_log += 1
       bar.update(1)
-      done = step + 1
       if done % config.train.log_every == 0 or done == num_steps:
+        check_finite(pending, ckpt)
+        pending = None
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not all(math.isfinite(v) for v in metrics.values()):
-          bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
-          raise NonFiniteLossError(
-              f"non-finite training metrics at step {done}: {bad}; last good checkpoint: "
-              f"step {ckpt.latest_step()} in {ckpt.directory}")
         elapsed = time.time() - t_log
         metrics["images_per_second"] = steps_since_log * config.train.batch_size / elapsed
+        utilisation = throughput.mfu(step_fn.flops_at(step), elapsed / steps_since_log)
+        if utilisation is not None:
+          metrics["mfu"] = utilisation
         metrics["learning_rate"] = float(optimizer_lib.learning_rate_schedule(config.train)(step))
         t_log, steps_since_log = time.time(), 0
         last_metrics = metrics
         bar.set_postfix(loss=f"{metrics['loss/total']:.3g}")
         if writer is not None:
-          for k, v in metrics.items():
-            writer.add_scalar(f"train/{k}", v, done)
+          write_train_metrics(writer, workdir, done, metrics)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
+        check_finite(pending, ckpt)
+        pending = None
         ckpt.save(done, state, data_iter, meta)
       if eval_due(config, done):
+        check_finite(pending, ckpt)
+        pending = None
         evaluator = evaluator or make_evaluator(config, workdir, model, layout, td_cfg, mesh,
                                                 val_records, files=files)
         evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, done, writer,
                  evaluator=evaluator)
+    check_finite(pending, ckpt)
   finally:
     bar.close()
+    preemption.close()
     ckpt.wait()
+  if stopped_at is not None:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+    return dict(step=stopped_at, train=last_metrics, eval={}, preempted=True)
   log.info("training done at step %d (%.0f s since start)", num_steps, time.time() - t_start)
 
   # --- Evaluation ------------------------------------------------------------------------------

@@ -1,6 +1,12 @@
 """Device mesh and shardings.
 
-The mesh has a `data` axis: the batch is split along it and the train state is replicated.
+The mesh has two axes, `data` and `fsdp` (`config.mesh`). The batch is split over both (every
+device sees its own examples); parameters and their optimizer moments are additionally split
+along `fsdp` (ZeRO-3 / FSDP style), each leaf along its largest dimension divisible by the
+`fsdp` size, when it has at least `mesh.fsdp_min_size` elements; everything else (small leaves,
+BatchNorm statistics, prototypes, step, rng) is replicated. With `fsdp=1` this is plain data
+parallelism.
+
 Shardings are derived from shapes (`jax.eval_shape`), so nothing is materialised on one device
 before it is placed.
 """
@@ -14,26 +20,71 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+BATCH_AXES = ("data", "fsdp")
+
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A 1-D mesh ('data',) over `devices` (all devices if None; `data=-1` uses all of them)."""
+  """A ('data', 'fsdp') mesh over `devices` (all if None).
+
+  `mesh.fsdp` (default 1) devices per parameter shard group; `mesh.data=-1` uses every remaining
+  device on the data axis.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices) if mesh_config.data in (-1, None) else int(mesh_config.data)
-  if n > len(devices) or len(devices) % n:
-    raise ValueError(f"mesh.data={mesh_config.data} does not fit {len(devices)} devices")
+  fsdp = int(mesh_config.get("fsdp", 1))
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} does not divide {len(devices)} devices")
+  data = len(devices) // fsdp if mesh_config.data in (-1, None) else int(mesh_config.data)
+  n = data * fsdp
+  if data < 1 or n > len(devices) or len(devices) % n:
+    raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={fsdp} does not fit "
+                     f"{len(devices)} devices")
   # Explicit `Auto` axis types: the classic automatic (GSPMD) partitioning (make_mesh defaults
   # to explicit axes in this JAX version).
-  return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices[:n])
+  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices[:n])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
-  """Shardings for every leaf of the (abstract) train state: replicated over `data`."""
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device (`data` × `fsdp`)."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
+  """The leaf's partition: its largest dimension divisible by `fsdp` (the first of equals) on
+  the `fsdp` axis, or replicated (small leaf, no divisible dimension, fsdp = 1)."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  dims = [i for i, d in enumerate(shape) if d % fsdp == 0]
+  if not dims:
+    return P()
+  best = max(dims, key=lambda i: (shape[i], -i))
+  return P(*([None] * best + ["fsdp"]))
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, min_size: int = 2 ** 14) -> Any:
+  """Shardings for every leaf of the (abstract) train state.
+
+  `params` and `opt_state` follow `fsdp_spec`; the rest is replicated.
+  """
   rep = replicated(mesh)
-  return jax.tree_util.tree_map(lambda _: rep, abstract_state)
+  fsdp = int(dict(mesh.shape).get("fsdp", 1))  # A plain ("data",) mesh works too.
+  shard = lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, min_size))
+  out = jax.tree_util.tree_map(lambda _: rep, abstract_state)
+  return out.replace(params=jax.tree_util.tree_map(shard, abstract_state.params),
+                     opt_state=jax.tree_util.tree_map(shard, abstract_state.opt_state))
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes of `tree`'s arrays held by the first device (one shard of each leaf)."""
+  dev = jax.devices()[0]
+  total = 0
+  for x in jax.tree_util.tree_leaves(tree):
+    total += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)
+  return total
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> int:

@@ -2,7 +2,8 @@
 
 Randomness comes from `fold_in(state.rng, state.step)`, so the step is a pure function of its
 inputs and a resumed run replays the same random numbers. `make_train_step` returns the jitted,
-sharded version: batch split over the mesh's `data` axis, state replicated and donated.
+sharded version: batch split over the mesh's devices, state sharded by
+`sharding.state_shardings` and donated.
 
 The loss terms live in `posebh_jax.train.objective`; this module only differentiates, applies the
 optimizer and writes the new non-gradient state (prototypes) back.
@@ -14,12 +15,14 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from data_pipelines import pipeline
 from posebh_jax.train import sharding
 from posebh_jax.train.objective import ObjectiveConfig, PrototypeState, posebh_objective
+from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
 from posebh_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -29,7 +32,8 @@ StepConfig = ObjectiveConfig
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, cfg: ObjectiveConfig) -> tuple[TrainState, dict]:
+               tx: LayerDecayAdamW, cfg: ObjectiveConfig,
+               trainable: tuple[str, ...]) -> tuple[TrainState, dict]:
   """One optimizer step plus (in the first stage) one EMA step of the keypoint prototypes.
 
   Args:
@@ -39,6 +43,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     model: the Flax module (static).
     tx: the optimizer (static).
     cfg: static loss/prototype/stage settings.
+    trainable: parameter groups that train in this stage (static); the others get no gradient
+      (their weight gradients are not even computed), no update and no weight decay.
 
   Returns:
     (new state, scalar metrics).
@@ -48,7 +54,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   weight = batch["target_weight"] * batch["skeleton_mask"]
   protos = PrototypeState(state.prototypes, state.cluster_prototypes, state.cluster_keypoint)
 
-  def loss_fn(params):
+  groups = split_groups(state.params)
+  train_params = {k: v for g in trainable for k, v in groups[g].items()}
+  frozen_params = {k: v for k, v in state.params.items() if k not in train_params}
+
+  def loss_fn(train_params):
+    params = {**frozen_params, **train_params}
     outputs, mutated = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
         batch["dataset_index"], train=True, mutable=["batch_stats"], rngs={"droppath": drop_rng})
@@ -56,21 +67,33 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     return total, (metrics, mutated["batch_stats"], prototypes)
 
   (_, (metrics, batch_stats, prototypes)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+      loss_fn, has_aux=True)(train_params)
+  params, opt_state, stats = tx.update(grads, state.opt_state, state.params, step=state.step,
+                                       trainable=trainable)
+  metrics["grad_norm"] = stats["grad_norm"]  # Trainable groups only, before clipping.
+  # Checked by the host one step late (no wait on the device): the loop stops on a False.
+  metrics["finite"] = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(stats["grad_norm"])
   metrics["param_norm"] = optax.tree.norm(params)
+  for g, lr in tx.group_learning_rates(state.step).items():
+    metrics[f"lr/{g}"] = lr if g in trainable else jnp.zeros_like(lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, prototypes=prototypes)
   return new_state, metrics
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ObjectiveConfig,
-                    mesh: Mesh, state_sharding: Any) -> Callable[[TrainState, Batch],
-                                                                tuple[TrainState, dict]]:
-  """jit-compiles `train_step` over the mesh: batch sharded on 'data', state replicated and
-  donated (without donation the step's peak memory holds two copies of params and moments)."""
-  step = lambda state, batch: train_step(state, batch, model=model, tx=tx, cfg=cfg)
+def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
+                    mesh: Mesh, state_sharding: Any, trainable: tuple[str, ...] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """jit-compiles `train_step` over the mesh: batch sharded on 'data', state in
+  `state_sharding` and donated (without donation the step's peak memory holds two copies of
+  params and moments). `trainable=None`: every group trains."""
+  trainable = tx.groups if trainable is None else tuple(trainable)
+
+  def step(state, batch):
+    # The pipeline places the batch on the `data` axis; split it over `fsdp` too, so every
+    # device computes on its own examples (a local slice: no communication).
+    batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
+    return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable)
+
   return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
