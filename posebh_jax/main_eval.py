@@ -15,6 +15,7 @@ are written as metrics_0.json.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -65,7 +66,9 @@ def _evaluate(config, workdir, layout, model, mesh, files, protocols, state, ste
   from posebh_jax.train import loop
 
   td_cfg = experiment.topdown_config(config, layout)
-  val_records, _ = benchmark.load_eval_records(config, layout, files, protocols)
+  val_records, reports = benchmark.load_eval_records(config, layout, files, protocols)
+  for p, r in zip(protocols, reports):
+    logging.getLogger("posebh").info("eval data %s (%s boxes): %s", p.name, p.boxes, r)
   return loop.evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step,
                        protocols=protocols)
 

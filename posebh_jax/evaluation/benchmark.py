@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -137,8 +138,9 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
       continue
     entry, f = config.data.datasets[name], by_name[name]
     if not f.val_ann:
-      if datasets is None:
-        continue  # No validation data (e.g. APT-36K in the sample config): nothing to score.
+      if datasets is None:  # No validation data (e.g. APT-36K in the sample config).
+        logging.getLogger("posebh").info("eval: %s has no val_ann; not evaluated", name)
+        continue
       raise EvalSelectionError(f"dataset {name!r} has no validation annotations "
                                f"(data.datasets.{name}.val_ann is empty)")
     metric, kind = metric_for(entry, synthetic)
