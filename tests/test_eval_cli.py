@@ -278,3 +278,14 @@ def test_eval_due():
   assert [loop.eval_due(config, d) for d in (1, 2, 3, 4)] == [False, True, False, True]
   config.train.eval_every = -1
   assert not any(loop.eval_due(config, d) for d in (1, 2, 3, 4))
+
+
+def test_tensorboard_tags_and_strict_json(tmp_path):
+  r = benchmark.DatasetResult("mpii", "pckh", "gt", 5, {
+      "AP .5": 0.5, "AP (M)": -1.0, "approx_head/PCKh@0.1": 0.2, "PCKh/pelvis": float("nan")})
+  results = benchmark.EvalResults([r], [])
+  assert benchmark.tensorboard_scalars(results) == {
+      "eval/mpii/AP5": 0.5, "eval/mpii/AP_M": -1.0, "eval/mpii/approx_head/PCKh_0.1": 0.2}
+  path = benchmark.write_metrics(results, str(tmp_path), 7)
+  text = open(path).read()
+  assert "NaN" not in text and json.loads(text)["per_dataset"]["mpii"]["PCKh/pelvis"] is None
