@@ -53,6 +53,9 @@ _OUT = flags.DEFINE_string("out", None, "Output folder for the JSON files and ov
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per forward pass.")
 _FLIP = flags.DEFINE_bool("flip_test", True, "Average with the flipped crop (spec §5.2).")
 _SCORE_THR = flags.DEFINE_float("score_thr", 0.3, "Keypoints drawn above this score.")
+_MAX_SIDE = flags.DEFINE_integer("overlay_max_side", 0, "Shrink overlays to this longer side "
+                                 "in pixels (0: the image's size); the JSON stays in image "
+                                 "pixels.")
 _DET_CATEGORY = flags.DEFINE_integer("det_category", 1, "COCO detection files: category kept "
                                      "(-1: all).")
 _BOX_SCORE_THR = flags.DEFINE_float("box_score_thr", 0.0, "Boxes with a lower score are dropped.")
@@ -192,7 +195,8 @@ def pose_json(image_path: str, size_hw: tuple[int, int], poses: Sequence[Mapping
 
 def infer_images(predictor, image_paths: Sequence[str],
                  boxes: Mapping[str | int, list[list[float]]] | None, skeletons: Sequence[str],
-                 through: str, out_dir: str, *, score_thr: float = 0.3) -> dict[str, Any]:
+                 through: str, out_dir: str, *, score_thr: float = 0.3,
+                 overlay_max_side: int = 0) -> dict[str, Any]:
   """Predicts, writes `<out_dir>/<stem>.json` and `.png` per image; unreadable images are
   skipped and listed.
 
@@ -217,7 +221,8 @@ def infer_images(predictor, image_paths: Sequence[str],
     with open(stem + ".json.tmp", "w") as f:
       json.dump(doc, f, indent=1)
     os.replace(stem + ".json.tmp", stem + ".json")
-    visualize.save_overlay(stem + ".png", rgb, poses, score_thr=score_thr)
+    visualize.save_overlay(stem + ".png", rgb, poses, score_thr=score_thr,
+                           max_side=overlay_max_side or None)
     written.append(stem + ".json")
   return dict(written=written, failed=failed)
 
@@ -248,7 +253,7 @@ def main(argv) -> None:
         config, _WEIGHTS.value or _WORKDIR.value, step=_STEP.value, batch_size=_BATCH.value,
         flip_test=_FLIP.value)
     result = infer_images(predictor, images, boxes, skeletons, _THROUGH.value, _OUT.value,
-                          score_thr=_SCORE_THR.value)
+                          score_thr=_SCORE_THR.value, overlay_max_side=_MAX_SIDE.value)
   except (FileNotFoundError, CheckpointMismatchError, UnknownSkeletonError, ImageError,
           BoxesFileError, ImagesError) as e:
     sys.exit(f"posebh-infer: {e}")

@@ -82,14 +82,23 @@ def draw_poses(image: np.ndarray, instances: Sequence[Mapping[str, Any]], *,
 
 
 def save_overlay(path: str | os.PathLike, image: np.ndarray,
-                 instances: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+                 instances: Sequence[Mapping[str, Any]], *, max_side: int | None = None,
+                 **kwargs: Any) -> str:
   """Draws the overlay (`draw_poses` options) and writes it as a PNG; returns the path.
+
+  Args:
+    max_side: if set and the image is larger, the overlay is drawn at full size and then
+      shrunk (area interpolation) so that its longer side is `max_side` pixels.
 
   Raises:
     OSError: the file could not be written (the message names it).
   """
   path = os.fspath(path)
   overlay = draw_poses(image, instances, **kwargs)
+  if max_side and max(overlay.shape[:2]) > max_side:
+    f = max_side / max(overlay.shape[:2])
+    size_wh = (max(1, round(overlay.shape[1] * f)), max(1, round(overlay.shape[0] * f)))
+    overlay = cv2.resize(overlay, size_wh, interpolation=cv2.INTER_AREA)
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)

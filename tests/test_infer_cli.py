@@ -196,11 +196,15 @@ def test_corrupt_image_is_skipped_named_and_the_rest_written(weights_dir, tmp_pa
   corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
   good = str(shared_path("data/samples/aic/054d9ce9201beffc76e5ff2169d2af2f027002ca.jpg"))
   result = main_infer.infer_images(predictor, [str(corrupt), good], None, ["aic"], "head",
-                                   str(tmp_path / "out"))
+                                   str(tmp_path / "out"), overlay_max_side=300)
   assert len(result["failed"]) == 1 and "corrupt.jpg" in result["failed"][0]
-  assert result["written"] == [str(tmp_path / "out" / "054d9ce9201beffc76e5ff2169d2af2f027002ca"
-                                                     ".json")]
+  stem = tmp_path / "out" / "054d9ce9201beffc76e5ff2169d2af2f027002ca"
+  assert result["written"] == [str(stem) + ".json"]
   assert not (tmp_path / "out" / "corrupt.json").exists()
+  h, w = cv2.imread(good).shape[:2]
+  png = cv2.imread(str(stem) + ".png")  # Shrunk overlay; the JSON stays in image pixels.
+  assert max(png.shape[:2]) == 300 and abs(png.shape[1] / png.shape[0] - w / h) < 0.01
+  assert json.loads((tmp_path / "out" / f"{stem.name}.json").read_text())["width"] == w
 
 
 def test_overlay_draws_each_skeleton_in_its_colours():
