@@ -102,7 +102,8 @@ class Predictor:
     config: the experiment config of the model (e.g. `configs/posebh.py:b`).
     params, batch_stats: the model's variables.
     prototypes: `[J, M, E]` keypoint prototypes (needed for `through="prototypes"` only).
-    batch_size: crops per forward pass; every skeleton's function compiles once for it.
+    batch_size: crops per forward pass; an image with fewer boxes runs at the next power of
+      two (see `core_for`), so each skeleton compiles at most log2(batch_size) + 1 times.
     flip_test: average with the flipped crop (spec §5.2; the reference's test setting).
     mesh: split batches over this mesh's `data` axis (the variables must be placed on it);
       None runs on the default device.
@@ -119,6 +120,7 @@ class Predictor:
     self.params, self.batch_stats, self.prototypes = params, batch_stats, prototypes
     self.core = predict_lib.TopDownPredictor(self.model, self.td_cfg, batch_size=batch_size,
                                              flip_test=flip_test, mesh=mesh)
+    self._small_cores: dict[int, predict_lib.TopDownPredictor] = {}
 
   @classmethod
   def from_checkpoint(cls, config: ml_collections.ConfigDict, path: str, *,
@@ -229,19 +231,37 @@ class Predictor:
   def _predict_boxes(self, rgb: np.ndarray, boxes: list[np.ndarray], a: int, through: str,
                      expert: int | None) -> np.ndarray:
     """`[N, K_a, 3]` keypoints of skeleton a for the boxes of one image."""
-    dec = self.core.decoding(a)
+    core = self.core_for(len(boxes))
+    dec = core.decoding(a)
     w, h = self.td_cfg.image_size_wh
     boxes_cs = [transforms.box_to_center_scale(b, w / h, padding=self.config.data.bbox_padding)
                 for b in boxes]
 
     def batches():
-      bs = self.core.batch_size
+      bs = core.batch_size
       for start in range(0, len(boxes_cs), bs):
         chunk = boxes_cs[start:start + bs]
         yield (np.stack([predict_lib.crop_instance(rgb, c, s, dec) for c, s in chunk]),
                np.stack([c for c, _ in chunk]), np.stack([s for _, s in chunk]))
-    return self.core.predict_crops(self.params, self.batch_stats, self.prototypes, batches(), a,
-                                   through=through, expert=expert)
+    return core.predict_crops(self.params, self.batch_stats, self.prototypes, batches(), a,
+                              through=through, expert=expert)
+
+  def core_for(self, num_boxes: int) -> predict_lib.TopDownPredictor:
+    """The batched driver for an image with `num_boxes` boxes.
+
+    Fewer boxes than `batch_size` run at the next power of two instead of padding to the full
+    batch: one whole-image box at batch 8 would cost 8 forwards. That bounds the compilations
+    per skeleton to log2(batch_size) + 1. On a mesh every batch must split over the devices, so
+    there the full batch size is always used.
+    """
+    full = self.core.batch_size
+    if num_boxes >= full or self.core.mesh is not None:
+      return self.core
+    size = min(full, 1 << max(0, num_boxes - 1).bit_length())
+    if size not in self._small_cores:
+      self._small_cores[size] = predict_lib.TopDownPredictor(
+          self.model, self.td_cfg, batch_size=size, flip_test=self.core.flip_test)
+    return self._small_cores[size]
 
 
 def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,

@@ -135,7 +135,8 @@ def test_no_boxes_is_the_whole_image(predictor, coco_rgb):
 
 
 def test_many_boxes_batch_and_pad_like_one_at_a_time(predictor, coco_rgb):
-  """5 boxes with batch_size 4: two forward passes, the second padded; box-major output."""
+  """5 boxes with batch_size 4: two forward passes, the second padded; box-major output. One
+  box alone runs at batch 1 (another compilation): equal up to float32 rounding."""
   boxes = [[10, 20, 100, 200], [200, 40, 180, 370, 0.7], [300, 100, 50, 50], [0, 0, 640, 425],
            [500, 300, 120, 100]]
   poses = predictor.predict(coco_rgb, boxes, ["coco", "mpii"])
@@ -147,6 +148,14 @@ def test_many_boxes_batch_and_pad_like_one_at_a_time(predictor, coco_rgb):
     for j in range(2):
       np.testing.assert_allclose(poses[2 * i + j]["keypoints"], alone[j]["keypoints"],
                                  atol=1e-4)
+
+
+def test_few_boxes_run_at_a_power_of_two_batch(config, predictor):
+  q = inference.Predictor(config, predictor.params, predictor.batch_stats, predictor.prototypes,
+                          batch_size=8)
+  assert [q.core_for(n).batch_size for n in (1, 2, 3, 4, 5, 8, 9, 30)] == [1, 2, 4, 4, 8, 8, 8, 8]
+  assert q.core_for(3) is q.core_for(4) and q.core_for(8) is q.core
+  assert q.core_for(3).flip_test is True
 
 
 @pytest.mark.parametrize("skeleton", ["coco", "aic"])  # UDP and standard back-projection.
