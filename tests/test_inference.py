@@ -278,3 +278,17 @@ def test_untrained_model_has_the_checkpoints_structure(config, predictor, coco_r
     assert shapes(got) == shapes(want)
   poses = fresh.predict(coco_rgb, None, "aic", through="prototypes")
   assert poses[0]["keypoints"].shape == (14, 3)
+
+
+def test_on_a_mesh_of_8_devices_matches_one_device(config, weights_dir, predictor, coco_rgb):
+  from posebh_jax.train import sharding as sharding_lib
+  if len(jax.devices()) < 8:
+    pytest.fail("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
+  sharded = inference.Predictor.from_checkpoint(config, weights_dir, batch_size=8, mesh=mesh)
+  boxes = [[10, 20, 100, 200], [200, 40, 180, 370], [300, 100, 50, 50]]
+  assert sharded.core_for(3) is sharded.core  # A mesh always runs the full, divisible batch.
+  got = sharded.predict(coco_rgb, boxes, "aic")
+  want = predictor.predict(coco_rgb, boxes, "aic")
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g["keypoints"], w["keypoints"], atol=1e-4)
