@@ -158,7 +158,9 @@ def cluster_prototypes(
     raise ValueError("cluster_prototypes(float64=True) runs on the host: call it outside jit "
                      "(or use float64=False)") from e
   try:
-    cpu = jax.default_device(jax.devices("cpu")[0])
+    # This process's own CPU device: in a multi-process run jax.devices() lists every
+    # process's devices, and a result on another process's device could not be fetched.
+    cpu = jax.default_device(jax.local_devices(backend="cpu")[0])
   except RuntimeError:  # No CPU backend (JAX_PLATFORMS excludes it): the default device then.
     cpu = contextlib.nullcontext()
   with jax.enable_x64(True), cpu:

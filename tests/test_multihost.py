@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from configs import synthetic
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _WORKER = r'''
@@ -54,9 +56,10 @@ for step in range(3):
   state, m = steps.run(step, state, pipeline.to_global_batch(local, mesh))
   losses.append(float(m["loss/total"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)
-leaves = jax.tree_util.tree_leaves(params)
+leaves = jax.tree_util.tree_leaves_with_path(params)
 if pid == 0:
-  np.savez(out, losses=np.array(losses), **{f"p{i}": x for i, x in enumerate(leaves)})
+  np.savez(out, losses=np.array(losses),
+           **{"/".join(str(k.key) for k in p): x for p, x in leaves})
 '''
 
 
@@ -88,7 +91,19 @@ def test_two_processes_match_one_process(tmp_path):
   _wait(_launch(str(script), 1, one, _free_port()))
   a, b = np.load(two), np.load(one)
   np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-5)
-  assert len(a.files) == len(b.files) > 10
+  assert sorted(a.files) == sorted(b.files) and len(a.files) > 10
+  lr_sum = 3 * synthetic.get_config("tiny").train.learning_rate  # Bound on 3 Adam steps.
   for k in a.files:
-    if k != "losses":
+    if k == "losses":
+      continue
+    if k.endswith(_ZERO_GRADIENT_BIASES):
+      # A conv bias feeding BatchNorm has true gradient 0 (BN removes constants): its gradient
+      # is float noise whose sign depends on the reduction order, and Adam turns it into ±lr
+      # steps. Only bounded, not equal (tests/test_train_step.py explains the same for meshes).
+      assert np.all(np.abs(a[k] - b[k]) <= 2 * lr_sum + 1e-6), k
+    else:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+# Biases directly followed by a BatchNorm in the prototype head (posebh_jax/models/heads.py).
+_ZERO_GRADIENT_BIASES = ("neck/conv1/bias", "neck/conv2/bias", "head_0/bias")

@@ -121,7 +121,7 @@ def init_from_weights(config: ml_collections.ConfigDict, state, model, layout, s
   w, meta = weights_lib.load_weights(
       config.init.weights, model, num_prototype_keypoints=layout.total_keypoints,
       num_in_class=config.model.proto.num_in_class)
-  put = lambda x, s: jax.device_put(x, s)
+  put = sharding_lib.put_host_array  # The same file on every host.
   updates = dict(params=jax.tree_util.tree_map(put, w.params, state_shardings.params),
                  batch_stats=jax.tree_util.tree_map(put, w.batch_stats,
                                                     state_shardings.batch_stats))
@@ -155,9 +155,9 @@ def cluster_state(config: ml_collections.ConfigDict, state, state_shardings):
   table, keypoint = objective.init_clusters(
       state.prototypes, p.num_clusters, iterations=p.cluster_iterations, beta=p.cluster_beta,
       compat=compat)
-  # Same values on every host (deterministic), placed in the state's layout.
-  table = jax.device_put(table, state_shardings.cluster_prototypes)
-  keypoint = jax.device_put(keypoint, state_shardings.cluster_keypoint)
+  # Deterministic float64 host clustering: every process computed the same table.
+  table = sharding_lib.put_host_array(table, state_shardings.cluster_prototypes)
+  keypoint = sharding_lib.put_host_array(keypoint, state_shardings.cluster_keypoint)
   log.info("step %d: clustered %d keypoint prototypes into %d cluster prototypes (CPS)",
            int(jax.device_get(state.step)), state.prototypes.shape[0], p.num_clusters)
   return state.replace(cluster_prototypes=table, cluster_keypoint=keypoint)

@@ -78,9 +78,21 @@ def state_shardings(mesh: Mesh, abstract_state: Any, min_size: int = 2 ** 14) ->
                      opt_state=jax.tree_util.tree_map(shard, abstract_state.opt_state))
 
 
+def put_host_array(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A host value that every process holds identically, placed in `sharding` (global array).
+
+  Each process fills only its own shards (`make_array_from_callback`), so, unlike
+  `jax.device_put`, there is no cross-process equality check (a collective that times out when
+  one host is busy, e.g. still compiling). The caller guarantees equality: the values come from
+  the same file or the same deterministic host computation on every process.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def per_device_bytes(tree: Any) -> int:
   """Bytes of `tree`'s arrays held by the first device (one shard of each leaf)."""
-  dev = jax.devices()[0]
+  dev = jax.local_devices()[0]
   total = 0
   for x in jax.tree_util.tree_leaves(tree):
     total += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)

@@ -54,7 +54,7 @@ def compiled_flops(compiled: Any) -> float | None:
 def mfu(flops_per_step: float | None, seconds_per_step: float,
         device: jax.Device | None = None) -> float | None:
   """Model FLOPs utilisation of one device, or None (unknown peak or FLOPs)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   peak = peak_flops(device.device_kind)
   if peak is None or flops_per_step is None or seconds_per_step <= 0:
     return None
