@@ -282,3 +282,23 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny_model_and_vars):
     assert a.dtype == jnp.float32
     scale = float(np.abs(np.asarray(b)).max())
     np.testing.assert_allclose(a, b, atol=0.05 * scale + 1e-6)
+
+
+def test_head0_computes_in_float32_under_bfloat16(tiny_model_and_vars):
+  # Spec §2.6.2 / §2.8: the reference runs head 0 with autocast off. On the same (bf16-computed)
+  # features, head 0 must equal a float32 head exactly, while head 1 (bf16) must not.
+  _, variables = tiny_model_and_vars
+  images, index = _inputs()
+  out16 = jax.jit(lambda v, x, i: _tiny(dtype=jnp.bfloat16).apply(v, x, i, train=False))(
+      variables, images, index)
+
+  def head(d, dtype):
+    h = HeatmapHead(NUM_KEYPOINTS[d], (8, 8), dtype=dtype)
+    v = {"params": variables["params"][f"heads_{d}"],
+         "batch_stats": variables["batch_stats"][f"heads_{d}"]}
+    return jax.jit(lambda v, f: h.apply(v, f, train=False))(v, out16.features)
+
+  ref0, ref1 = head(0, jnp.float32), head(1, jnp.float32)
+  scale0, scale1 = float(np.abs(ref0).max()), float(np.abs(ref1).max())
+  np.testing.assert_allclose(out16.heatmaps[0], ref0, atol=1e-6 * scale0)  # Float32 rounding.
+  assert np.abs(out16.heatmaps[1] - ref1).max() > 1e-4 * scale1  # bf16 rounding (~4e-3).

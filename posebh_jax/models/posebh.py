@@ -88,10 +88,12 @@ class PoseBHModel(nn.Module):
     """
     features = ViTMoE(**dataclasses.asdict(self.backbone), dtype=self.dtype,
                       name="backbone")(images, dataset_index, train=train)
+    # Head 0 (COCO) always computes in float32: the reference runs it with autocast off
+    # (spec §2.6.2, §2.8); heads 1-5 use the compute dtype.
     heatmaps = tuple(
         HeatmapHead(k, self.head_deconv_filters, self.head_deconv_kernels,
-                    self.head_final_kernel, dtype=self.dtype, name=f"heads_{d}")(
-                        features, train=train)
+                    self.head_final_kernel, dtype=jnp.float32 if d == 0 else self.dtype,
+                    name=f"heads_{d}")(features, train=train)
         for d, k in enumerate(self.num_keypoints))
     embedding = None
     if self.use_proto_head:
