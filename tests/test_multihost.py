@@ -107,3 +107,17 @@ def test_two_processes_match_one_process(tmp_path):
 
 # Biases directly followed by a BatchNorm in the prototype head (posebh_jax/models/heads.py).
 _ZERO_GRADIENT_BIASES = ("neck/conv1/bias", "neck/conv2/bias", "head_0/bias")
+
+
+def test_distributed_config_reaches_jax_distributed(monkeypatch):
+  # `--config.distributed.*` → jax.distributed.initialize's arguments; unset fields are left to
+  # JAX's cluster auto-detection (TPU pods, SLURM), so they must not be passed at all.
+  import jax
+  from posebh_jax import main_train
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  dist = synthetic.get_config("tiny").distributed
+  main_train.initialize_distributed(dist)
+  dist.coordinator_address, dist.num_processes, dist.process_id = "host0:1234", 4, 2
+  main_train.initialize_distributed(dist)
+  assert calls == [{}, dict(coordinator_address="host0:1234", num_processes=4, process_id=2)]
