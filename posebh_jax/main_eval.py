@@ -24,23 +24,28 @@ from ml_collections import config_flags
 
 from posebh_jax.cli_logging import setup_logging
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Job directory holding checkpoints/ (with --weights: where results go).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_WEIGHTS = flags.DEFINE_string(
-    "weights", None, "Converted weights (a posebh-convert --out directory) to evaluate instead "
-    "of a --workdir checkpoint.")
-_DATASETS = flags.DEFINE_string(
-    "datasets", None, "Comma-separated dataset names to evaluate (default: every dataset of "
-    "the config that has validation annotations).")
-_BOXES = flags.DEFINE_enum(
-    "boxes", "config", ["config", "gt", "det"], "Boxes to crop: 'config' (each dataset's "
-    "data.datasets.<name>.val_det: detections for COCO/WholeBody as the paper, else ground "
-    "truth), 'gt' (ground-truth boxes everywhere) or 'det' (detections; every selected dataset "
-    "must have them).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags() -> None:
+  """Registers this CLI's flags, at run time: importing the module for its functions (tests,
+  notebooks, the other CLIs) must not clash with other CLIs' flags of the same names."""
+  global _CONFIG, _WORKDIR, _STEP, _WEIGHTS, _DATASETS, _BOXES
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
+  _WORKDIR = flags.DEFINE_string(
+      "workdir", None, "Job directory holding checkpoints/ (with --weights: where results go).")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+  _WEIGHTS = flags.DEFINE_string(
+      "weights", None, "Converted weights (a posebh-convert --out directory) to evaluate instead "
+      "of a --workdir checkpoint.")
+  _DATASETS = flags.DEFINE_string(
+      "datasets", None, "Comma-separated dataset names to evaluate (default: every dataset of "
+      "the config that has validation annotations).")
+  _BOXES = flags.DEFINE_enum(
+      "boxes", "config", ["config", "gt", "det"], "Boxes to crop: 'config' (each dataset's "
+      "data.datasets.<name>.val_det: detections for COCO/WholeBody as the paper, else ground "
+      "truth), 'gt' (ground-truth boxes everywhere) or 'det' (detections; every selected dataset "
+      "must have them).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _prepare(config, workdir: str, datasets, boxes: str):
@@ -159,6 +164,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Console-script entry point."""
+  _define_flags()
   app.run(main)
 
 

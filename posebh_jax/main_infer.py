@@ -36,30 +36,36 @@ from posebh_jax.cli_logging import setup_logging
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file of the model (a .py with get_config()).",
-    lock_config=True)
-_WEIGHTS = flags.DEFINE_string("weights", None, "Converted weights (posebh-convert --out).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint to use.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
-_IMAGES = flags.DEFINE_string("images", None, "Image files and/or folders, comma separated.")
-_BOXES = flags.DEFINE_string("boxes", None, "Boxes JSON (see the module help); default: whole "
-                             "images.")
-_SKELETONS = flags.DEFINE_string("skeletons", None, "Comma separated dataset names to predict "
-                                 "(default: all of the config's).")
-_THROUGH = flags.DEFINE_enum("through", "head", ["head", "prototypes"],
-                             "Predict through each skeleton's heatmap head or its prototypes.")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the JSON files and overlays.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per forward pass.")
-_FLIP = flags.DEFINE_bool("flip_test", True, "Average with the flipped crop (spec §5.2).")
-_SCORE_THR = flags.DEFINE_float("score_thr", 0.3, "Keypoints drawn above this score.")
-_MAX_SIDE = flags.DEFINE_integer("overlay_max_side", 0, "Shrink overlays to this longer side "
-                                 "in pixels (0: the image's size); the JSON stays in image "
-                                 "pixels.")
-_DET_CATEGORY = flags.DEFINE_integer("det_category", 1, "COCO detection files: category kept "
-                                     "(-1: all).")
-_BOX_SCORE_THR = flags.DEFINE_float("box_score_thr", 0.0, "Boxes with a lower score are dropped.")
-flags.mark_flags_as_required(["config", "images", "out"])
+
+def _define_flags() -> None:
+  """Registers this CLI's flags, at run time: importing the module for its functions (tests,
+  notebooks, the other CLIs) must not clash with other CLIs' flags of the same names."""
+  global _CONFIG, _WEIGHTS, _WORKDIR, _STEP, _IMAGES, _BOXES, _SKELETONS, _THROUGH, _OUT
+  global _BATCH, _FLIP, _SCORE_THR, _MAX_SIDE, _DET_CATEGORY, _BOX_SCORE_THR
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file of the model (a .py with get_config()).",
+      lock_config=True)
+  _WEIGHTS = flags.DEFINE_string("weights", None, "Converted weights (posebh-convert --out).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoint to use.")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: latest).")
+  _IMAGES = flags.DEFINE_string("images", None, "Image files and/or folders, comma separated.")
+  _BOXES = flags.DEFINE_string("boxes", None, "Boxes JSON (see the module help); default: whole "
+                               "images.")
+  _SKELETONS = flags.DEFINE_string("skeletons", None, "Comma separated dataset names to predict "
+                                   "(default: all of the config's).")
+  _THROUGH = flags.DEFINE_enum("through", "head", ["head", "prototypes"],
+                               "Predict through each skeleton's heatmap head or its prototypes.")
+  _OUT = flags.DEFINE_string("out", None, "Output folder for the JSON files and overlays.")
+  _BATCH = flags.DEFINE_integer("batch_size", 8, "Crops per forward pass.")
+  _FLIP = flags.DEFINE_bool("flip_test", True, "Average with the flipped crop (spec §5.2).")
+  _SCORE_THR = flags.DEFINE_float("score_thr", 0.3, "Keypoints drawn above this score.")
+  _MAX_SIDE = flags.DEFINE_integer("overlay_max_side", 0, "Shrink overlays to this longer side "
+                                   "in pixels (0: the image's size); the JSON stays in image "
+                                   "pixels.")
+  _DET_CATEGORY = flags.DEFINE_integer("det_category", 1, "COCO detection files: category kept "
+                                       "(-1: all).")
+  _BOX_SCORE_THR = flags.DEFINE_float("box_score_thr", 0.0, "Boxes with a lower score are dropped.")
+  flags.mark_flags_as_required(["config", "images", "out"])
 
 
 class BoxesFileError(ValueError):
@@ -266,6 +272,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Console-script entry point."""
+  _define_flags()
   app.run(main)
 
 

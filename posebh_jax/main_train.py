@@ -15,13 +15,18 @@ from ml_collections import config_flags
 
 from posebh_jax.cli_logging import setup_logging
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Job directory: checkpoints, events, eval/.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / GPU clusters); "
-    "same as --config.distributed.enabled=True.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags() -> None:
+  """Registers this CLI's flags, at run time: importing the module for its functions (tests,
+  notebooks, the other CLIs) must not clash with other CLIs' flags of the same names."""
+  global _CONFIG, _WORKDIR, _DISTRIBUTED
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file (a .py with get_config()).", lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Job directory: checkpoints, events, eval/.")
+  _DISTRIBUTED = flags.DEFINE_bool(
+      "distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods / GPU "
+      "clusters); same as --config.distributed.enabled=True.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
@@ -59,6 +64,7 @@ def initialize_distributed(dist) -> None:
 
 def run() -> None:
   """Console-script entry point."""
+  _define_flags()
   app.run(main)
 
 
