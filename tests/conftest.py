@@ -31,3 +31,14 @@ def load_golden(name: str) -> dict:
   import numpy as np
   with np.load(shared_path(f"golden/{name}")) as data:
     return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+  """`posebh-convert` output of ../shared/golden/tiny_posebh.pth, converted once per session."""
+  from configs import posebh as posebh_configs
+  from posebh_jax.main_convert import convert_checkpoint
+  out = tmp_path_factory.mktemp("tiny_reference") / "converted"
+  convert_checkpoint(posebh_configs.get_config("tiny_reference"),
+                     str(shared_path("golden/tiny_posebh.pth")), str(out))
+  return str(out)

@@ -48,15 +48,6 @@ def _config():
   return config
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-  from posebh_jax.main_convert import convert_checkpoint
-  out = tmp_path_factory.mktemp("tiny") / "converted"
-  convert_checkpoint(posebh_configs.get_config("tiny_reference"),
-                     str(shared_path("golden/tiny_posebh.pth")), str(out))
-  return str(out)
-
-
 class _Spy:
   """Records what `TopDownPredictor.predict_records` was given and returned, per skeleton."""
 
@@ -76,7 +67,7 @@ class _Spy:
 
 
 @pytest.fixture(scope="module")
-def full_run(converted, tmp_path_factory):
+def full_run(tiny_weights, tmp_path_factory):
   """One evaluation of every sample set with the config's boxes, predictions captured."""
   mp = pytest.MonkeyPatch()
   spy = _Spy(mp)
@@ -86,7 +77,7 @@ def full_run(converted, tmp_path_factory):
   buf = io.StringIO()
   try:
     with contextlib.redirect_stdout(buf):
-      out = main_eval.evaluate_weights(_config(), converted, workdir)
+      out = main_eval.evaluate_weights(_config(), tiny_weights, workdir)
   finally:
     mp.undo()
   return out, spy, workdir, buf.getvalue()
@@ -174,10 +165,10 @@ def _gt_as_predictions(records):
   return out
 
 
-def test_ground_truth_through_the_eval_path_scores_one(converted, tmp_path, monkeypatch,
+def test_ground_truth_through_the_eval_path_scores_one(tiny_weights, tmp_path, monkeypatch,
                                                        capsys):
   _Spy(monkeypatch, replace=_gt_as_predictions)
-  out = main_eval.evaluate_weights(_config(), converted, str(tmp_path), boxes="gt")
+  out = main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), boxes="gt")
   for name in ("coco", "aic", "ap10k"):
     # AP-10K averages over its categories: 1 up to float rounding.
     assert out["datasets"][name]["values"]["AP"] == pytest.approx(1.0, abs=1e-12), name
@@ -188,9 +179,9 @@ def test_ground_truth_through_the_eval_path_scores_one(converted, tmp_path, monk
   assert "approximated" in capsys.readouterr().out  # The caveat is printed under the table.
 
 
-def test_subset_with_gt_boxes_for_coco(converted, tmp_path, monkeypatch, capsys):
+def test_subset_with_gt_boxes_for_coco(tiny_weights, tmp_path, monkeypatch, capsys):
   spy = _Spy(monkeypatch)
-  out = main_eval.evaluate_weights(_config(), converted, str(tmp_path), datasets="coco,mpii",
+  out = main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,mpii",
                                    boxes="gt")
   stdout = capsys.readouterr().out
   assert set(out["datasets"]) == {"coco", "mpii"} and set(spy.calls) == {0, 2}
@@ -208,14 +199,14 @@ def test_subset_with_gt_boxes_for_coco(converted, tmp_path, monkeypatch, capsys)
   assert set(metrics["per_dataset"]) == {"coco", "mpii"}
 
 
-def test_bad_selection_is_a_clear_error(converted, tmp_path):
+def test_bad_selection_is_a_clear_error(tiny_weights, tmp_path):
   with pytest.raises(benchmark.EvalSelectionError, match=r"unknown dataset\(s\) \['cocoo'\]"):
-    main_eval.evaluate_weights(_config(), converted, str(tmp_path), datasets="coco,cocoo")
+    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,cocoo")
   with pytest.raises(benchmark.EvalSelectionError, match="'aic' has no detection boxes"):
-    main_eval.evaluate_weights(_config(), converted, str(tmp_path), datasets="aic",
+    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="aic",
                                boxes="det")
   with pytest.raises(benchmark.EvalSelectionError, match="'apt36k' has no validation"):
-    main_eval.evaluate_weights(_config(), converted, str(tmp_path), datasets="apt36k")
+    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="apt36k")
   assert not (tmp_path / "eval").exists()
 
 
@@ -225,8 +216,8 @@ def _cli(*args):
                         env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_cli(converted, tmp_path):
-  common = ["--config=configs/posebh.py:tiny_reference_samples", f"--weights={converted}",
+def test_cli(tiny_weights, tmp_path):
+  common = ["--config=configs/posebh.py:tiny_reference_samples", f"--weights={tiny_weights}",
             f"--config.data.root={shared_path('data/samples')}"]
   bad = _cli(*common, f"--workdir={tmp_path}", "--datasets=coco,nope")
   assert bad.returncode == 1 and "posebh-eval: unknown dataset(s) ['nope']" in bad.stderr

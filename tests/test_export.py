@@ -12,15 +12,12 @@ from conftest import load_golden, shared_path
 from configs import posebh as posebh_configs
 from posebh_jax import export, inference
 from posebh_jax.evaluation import predict as predict_lib
-from posebh_jax.main_convert import convert_checkpoint
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
+def predictor(tiny_weights):
   config = posebh_configs.get_config("tiny_reference")
-  out = tmp_path_factory.mktemp("converted") / "tiny"
-  convert_checkpoint(config, str(shared_path("golden/tiny_posebh.pth")), str(out))
-  return inference.Predictor.from_checkpoint(config, str(out), batch_size=4)
+  return inference.Predictor.from_checkpoint(config, tiny_weights, batch_size=4)
 
 
 def _live(predictor, skeleton, through, crops, center, scale):

@@ -17,18 +17,9 @@ from conftest import REPO, shared_path
 from configs import posebh as posebh_configs
 from data_pipelines.skeletons import get_skeleton
 from posebh_jax import inference, main_infer
-from posebh_jax.main_convert import convert_checkpoint
 
 CONFIG = f"{REPO / 'configs' / 'posebh.py'}:tiny_reference"
 COUNTS = dict(coco=17, aic=14, mpii=16, ap10k=17, apt36k=17, coco_wholebody=133)
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("converted") / "tiny"
-  convert_checkpoint(posebh_configs.get_config("tiny_reference"),
-                     str(shared_path("golden/tiny_posebh.pth")), str(out))
-  return str(out)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -70,7 +61,7 @@ def _drawn_keypoints_show(png: np.ndarray, image: np.ndarray, doc: dict) -> int:
   return checked
 
 
-def test_cli_on_samples_with_boxes_and_foreign_skeletons(weights_dir, tmp_path):
+def test_cli_on_samples_with_boxes_and_foreign_skeletons(tiny_weights, tmp_path):
   """COCO images get AP-10K keypoints, AP-10K images COCO and WholeBody keypoints (skeletons
   their datasets do not annotate); an image the boxes file does not list gets no instance."""
   coco_img = str(shared_path("data/samples/coco/000000000785.jpg"))
@@ -82,7 +73,7 @@ def test_cli_on_samples_with_boxes_and_foreign_skeletons(weights_dir, tmp_path):
                                "000000000004.jpg": [ap_box]}))
   out = tmp_path / "out"
   skeletons = ["coco", "coco_wholebody", "ap10k"]
-  r = _run(f"--weights={weights_dir}", f"--images={coco_img},{ap10k_dir}",
+  r = _run(f"--weights={tiny_weights}", f"--images={coco_img},{ap10k_dir}",
            f"--boxes={boxes}", f"--skeletons={','.join(skeletons)}", f"--out={out}",
            "--score_thr=0")  # The untrained tiny model's scores are ~0.15-0.5.
   assert r.returncode == 0, r.stderr[-3000:]
@@ -107,10 +98,10 @@ def test_cli_on_samples_with_boxes_and_foreign_skeletons(weights_dir, tmp_path):
   assert doc["instances"][0]["box_score"] == pytest.approx(0.9)
 
 
-def test_cli_whole_images_through_prototypes(weights_dir, tmp_path):
+def test_cli_whole_images_through_prototypes(tiny_weights, tmp_path):
   out = tmp_path / "out"
   mpii = str(shared_path("data/samples/mpii/004645041.jpg"))
-  r = _run(f"--weights={weights_dir}", f"--images={mpii}", "--skeletons=mpii,aic",
+  r = _run(f"--weights={tiny_weights}", f"--images={mpii}", "--skeletons=mpii,aic",
            "--through=prototypes", f"--out={out}", "--score_thr=0", "--noflip_test")
   assert r.returncode == 0, r.stderr[-3000:]
   doc = json.loads((out / "004645041.json").read_text())
@@ -189,9 +180,9 @@ def test_image_discovery(tmp_path):
     main_infer.discover_images(str(tmp_path / "empty"))
 
 
-def test_corrupt_image_is_skipped_named_and_the_rest_written(weights_dir, tmp_path):
+def test_corrupt_image_is_skipped_named_and_the_rest_written(tiny_weights, tmp_path):
   predictor = inference.Predictor.from_checkpoint(posebh_configs.get_config("tiny_reference"),
-                                                  weights_dir, batch_size=2)
+                                                  tiny_weights, batch_size=2)
   corrupt = tmp_path / "corrupt.jpg"
   corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
   good = str(shared_path("data/samples/aic/054d9ce9201beffc76e5ff2169d2af2f027002ca.jpg"))

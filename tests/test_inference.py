@@ -16,7 +16,6 @@ from configs import posebh as posebh_configs
 from data_pipelines import pipeline
 from posebh_jax import experiment, inference
 from posebh_jax.evaluation import predict as predict_lib
-from posebh_jax.main_convert import convert_checkpoint
 from posebh_jax.train.checkpoint import CheckpointMismatchError
 
 # Keypoint counts of the tiny reference model's six skeletons, in dataset order.
@@ -30,16 +29,8 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def weights_dir(config, tmp_path_factory):
-  """`posebh-convert` output of ../shared/golden/tiny_posebh.pth."""
-  out = tmp_path_factory.mktemp("converted") / "tiny"
-  convert_checkpoint(config, str(shared_path("golden/tiny_posebh.pth")), str(out))
-  return str(out)
-
-
-@pytest.fixture(scope="module")
-def predictor(config, weights_dir):
-  return inference.Predictor.from_checkpoint(config, weights_dir, batch_size=4)
+def predictor(config, tiny_weights):
+  return inference.Predictor.from_checkpoint(config, tiny_weights, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +210,15 @@ def test_workdir_checkpoint_restores_the_saved_variables(config, predictor, coco
     inference.Predictor.from_checkpoint(posebh_configs.get_config("tiny"), str(tmp_path))
 
 
-def test_loading_refuses_missing_and_foreign_weights(weights_dir, tmp_path):
+def test_loading_refuses_missing_and_foreign_weights(tiny_weights, tmp_path):
   config = posebh_configs.get_config("tiny_reference")
   with pytest.raises(FileNotFoundError, match="neither converted weights"):
     inference.Predictor.from_checkpoint(config, str(tmp_path))
   with pytest.raises(ValueError, match="step selects a workdir"):
-    inference.Predictor.from_checkpoint(config, weights_dir, step=1)
+    inference.Predictor.from_checkpoint(config, tiny_weights, step=1)
   other = posebh_configs.get_config("tiny")  # Another model: sizes differ.
   with pytest.raises(CheckpointMismatchError):
-    inference.Predictor.from_checkpoint(other, weights_dir)
+    inference.Predictor.from_checkpoint(other, tiny_weights)
 
 
 # --- Bad input ----------------------------------------------------------------------------------
@@ -280,12 +271,12 @@ def test_untrained_model_has_the_checkpoints_structure(config, predictor, coco_r
   assert poses[0]["keypoints"].shape == (14, 3)
 
 
-def test_on_a_mesh_of_8_devices_matches_one_device(config, weights_dir, predictor, coco_rgb):
+def test_on_a_mesh_of_8_devices_matches_one_device(config, tiny_weights, predictor, coco_rgb):
   from posebh_jax.train import sharding as sharding_lib
   if len(jax.devices()) < 8:
     pytest.fail("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:8])
-  sharded = inference.Predictor.from_checkpoint(config, weights_dir, batch_size=8, mesh=mesh)
+  sharded = inference.Predictor.from_checkpoint(config, tiny_weights, batch_size=8, mesh=mesh)
   boxes = [[10, 20, 100, 200], [200, 40, 180, 370], [300, 100, 50, 50]]
   assert sharded.core_for(3) is sharded.core  # A mesh always runs the full, divisible batch.
   got = sharded.predict(coco_rgb, boxes, "aic")
