@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from tqdm.contrib import logging as tqdm_logging
 
 from data_pipelines import pipeline
 from posebh_jax import experiment
@@ -318,6 +319,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
   stopped_at = None
+  # Log lines go above the progress bar instead of being glued to its line.
+  redirect = tqdm_logging.logging_redirect_tqdm(loggers=[log])
+  redirect.__enter__()
   try:
     for step in range(start_step, num_steps):
       if preemption.should_stop(step):
@@ -368,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  evaluator=evaluator)
     check_finite(pending, ckpt)
   finally:
+    redirect.__exit__(None, None, None)
     bar.close()
     preemption.close()
     ckpt.wait()
