@@ -71,3 +71,23 @@ def test_too_many_clusters_fail_before_training():
   c.model.proto.num_clusters = 48  # = J: the reference skips C >= J.
   with pytest.raises(ValueError, match="num_clusters"):
     loop.validate_config(c, experiment.build_layout(c))
+
+
+def test_synthetic_posebh_b_is_the_b_recipe_compressed_on_synthetic_data():
+  c = synthetic.get_config("posebh_b,steps=12")
+  b = posebh.get_config("b")
+  for k in ("embed_dim", "depth", "num_heads", "part_features", "patch_size"):
+    assert c.model[k] == b.model[k], k
+  assert c.data.synthetic.enabled and c.data.dataset_names == ("synth_coco", "synth_aic",
+                                                              "synth_ap10k")
+  assert tuple(c.data.image_size) == (256, 192) and c.train.layer_decay == 0.75
+  assert c.train.num_steps == 12 and tuple(c.train.decay_steps) == (6, 10)
+  assert c.schedule.cps_start_step == c.schedule.css_start_step == 6
+  assert tuple(c.schedule.freeze_hooks.backbone) == ("freeze,0", "freeze,6", "thaw,10")
+  assert tuple(c.schedule.freeze_hooks.heads) == ("freeze,0", "thaw,6")
+  base = synthetic.get_config("posebh_b,baseline")
+  assert not base.model.use_proto_head and base.schedule.cps_start_step == -1
+  short = synthetic.get_config("steps=30")
+  assert short.train.num_steps == 30 and short.schedule.cps_start_step == 20
+  with pytest.raises(ValueError, match="unknown or bad"):
+    synthetic.get_config("steps=x")
