@@ -290,6 +290,27 @@ def _lr_swap(names: Sequence[str]) -> tuple[str, ...]:
   return tuple(out)
 
 
+def _side_palette(names: Sequence[str], limbs: Sequence[tuple[int, int]], left: Color,
+                  right: Color, middle: Color) -> dict[str, tuple[Color, ...]]:
+  """keypoint_colors and limb_colors: left/right/mirror-axis keypoints in three colours, a limb
+  in its side's colour when both ends are on that side, else the middle colour."""
+  def side(n: str) -> Color:
+    return left if n.startswith("left_") else right if n.startswith("right_") else middle
+  kp = tuple(side(n) for n in names)
+  limb = tuple(kp[i] if kp[i] == kp[j] else middle for i, j in limbs)
+  return dict(keypoint_colors=kp, limb_colors=limb)
+
+
+# Each synthetic skeleton has its own palette, so that overlays of several skeletons predicted on
+# one image tell them apart: COCO-like in mmpose's green/orange/blue, AIC-like magenta/cyan/
+# yellow, the quadruped red/violet/white.
+_SYNTH_PALETTES: dict[str, tuple[Color, Color, Color]] = {
+    "synth_coco": ((0, 255, 0), (255, 128, 0), (51, 153, 255)),
+    "synth_aic": ((255, 0, 255), (0, 255, 255), (255, 255, 0)),
+    "synth_ap10k": ((255, 64, 64), (160, 96, 255), (255, 255, 255)),
+}
+
+
 SYNTH_COCO = SkeletonInfo(
     name="synth_coco",
     keypoint_names=_COCO_NAMES,
@@ -355,6 +376,10 @@ SYNTH_AP10K = SkeletonInfo(
         ("tail_root", "right_back_hip"), ("right_back_hip", "right_back_knee"),
         ("right_back_knee", "right_back_paw")]),
 )
+
+SYNTH_COCO, SYNTH_AIC, SYNTH_AP10K = (
+    dataclasses.replace(s, **_side_palette(s.keypoint_names, s.limbs, *_SYNTH_PALETTES[s.name]))
+    for s in (SYNTH_COCO, SYNTH_AIC, SYNTH_AP10K))
 
 SYNTHETIC_SKELETONS: dict[str, SkeletonInfo] = {
     s.name: s for s in (SYNTH_COCO, SYNTH_AIC, SYNTH_AP10K)

@@ -37,7 +37,7 @@ def load_golden(name: str) -> dict:
 def tiny_weights(tmp_path_factory) -> str:
   """`posebh-convert` output of ../shared/golden/tiny_posebh.pth, converted once per session."""
   from configs import posebh as posebh_configs
-  from posebh_jax.main_convert import convert_checkpoint
+  from posebh_jax.convert.from_pth import convert_checkpoint
   out = tmp_path_factory.mktemp("tiny_reference") / "converted"
   convert_checkpoint(posebh_configs.get_config("tiny_reference"),
                      str(shared_path("golden/tiny_posebh.pth")), str(out))

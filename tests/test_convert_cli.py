@@ -23,7 +23,7 @@ from posebh_jax import experiment
 from posebh_jax.convert import weights as weights_lib
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import check_state_dict_shapes, convert_state_dict
-from posebh_jax.main_convert import ConversionError, convert_checkpoint, extract_state_dict
+from posebh_jax.convert.from_pth import ConversionError, convert_checkpoint, extract_state_dict
 from posebh_jax.models import tiny_reference_model
 from posebh_jax.prototypes import prototype_heatmap
 
@@ -368,14 +368,14 @@ def test_full_size_manifests_map_onto_configs(manifest, arg):
 # --- posebh-eval --weights -----------------------------------------------------------------------
 
 def test_eval_weights_restores_converted_params(converted_dir, tiny_config, tiny_state_dict):
-  from posebh_jax import main_eval
+  from posebh_jax.evaluation import evaluate
   from posebh_jax.train import sharding as sharding_lib
 
   out, _ = converted_dir
   layout = experiment.build_layout(tiny_config)
   model = experiment.build_model(tiny_config, layout)
   mesh = sharding_lib.make_mesh(tiny_config.mesh)
-  weights = main_eval.load_eval_weights(tiny_config, str(out), model, layout, mesh)
+  weights = evaluate.load_eval_weights(tiny_config, str(out), model, layout, mesh)
   params, batch_stats, _ = convert_state_dict(tiny_state_dict, model)
   jax.tree_util.tree_map(np.testing.assert_array_equal, dict(weights.params), params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, dict(weights.batch_stats), batch_stats)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from posebh_jax import main_eval
+from posebh_jax.evaluation import evaluate
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import loop
 
@@ -69,7 +70,7 @@ def test_train_checkpoint_resume_evaluate(tmp_path, data_root):
     np.testing.assert_array_equal(x, y)
 
   # Standalone evaluation of the checkpoint gives the numbers training printed.
-  ev = main_eval.evaluate_checkpoint(cfg, wd_a)
+  ev = evaluate.evaluate_checkpoint(cfg, wd_a)
   again = {r["images"] + "->" + r["skeleton"]: r["pck"] for r in ev["results"]}
   assert again["synth_coco->synth_coco"] == pytest.approx(
       {k: v for k, v in metrics["per_dataset"]["synth_coco"].items() if k.startswith("pck")})
@@ -78,7 +79,7 @@ def test_train_checkpoint_resume_evaluate(tmp_path, data_root):
   other = _config(data_root, num_steps=4)
   other.model.embed_dim = 48
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="embed_dim"):
-    main_eval.evaluate_checkpoint(other, wd_a)
+    evaluate.evaluate_checkpoint(other, wd_a)
 
 
 def _cli(*args, timeout=600):
@@ -96,11 +97,14 @@ def test_cli_trains_and_rejects_typos(tmp_path, data_root):
             f"--config.data.root={data_root}", "--config.train.num_steps=2")
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "Evaluation at step 2" in ok.stdout and "synth_ap10k" in ok.stdout
-  assert os.path.isfile(os.path.join(wd, "eval", "metrics_2.json"))
+  train_metrics = pathlib.Path(wd, "eval", "metrics_2.json").read_bytes()
   ev = _cli("posebh_jax.main_eval", "--config=configs/synthetic.py:tiny", f"--workdir={wd}",
-            f"--config.data.root={data_root}")
+            f"--config.data.root={data_root}", "--config.eval.flip_test=True")
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "Evaluation at step 2" in ev.stdout
+  # The evaluation (other settings) has its own folder; the training run's results are intact.
+  assert pathlib.Path(wd, "eval", "metrics_2.json").read_bytes() == train_metrics
+  assert json.load(open(os.path.join(wd, "eval_cli", "all", "metrics_2.json")))["step"] == 2
   missing = _cli("posebh_jax.main_eval", "--config=configs/synthetic.py:tiny",
                  f"--workdir={tmp_path / 'empty'}", f"--config.data.root={data_root}")
   assert missing.returncode == 1 and "posebh-eval: no checkpoints in" in missing.stderr

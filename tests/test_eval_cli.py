@@ -23,7 +23,7 @@ from conftest import REPO, shared_path
 from configs import common
 from configs import posebh as posebh_configs
 from configs import synthetic as synthetic_configs
-from posebh_jax import main_eval
+from posebh_jax.evaluation import evaluate
 from posebh_jax.evaluation import benchmark
 from posebh_jax.evaluation import coco_metrics as cm
 from posebh_jax.evaluation import mpii_metrics as mm
@@ -77,7 +77,7 @@ def full_run(tiny_weights, tmp_path_factory):
   buf = io.StringIO()
   try:
     with contextlib.redirect_stdout(buf):
-      out = main_eval.evaluate_weights(_config(), tiny_weights, workdir)
+      out = evaluate.evaluate_weights(_config(), tiny_weights, workdir)
   finally:
     mp.undo()
   return out, spy, workdir, buf.getvalue()
@@ -96,10 +96,12 @@ def test_table_and_json_for_all_five_sample_sets(full_run):
   for name in SAMPLE_SETS:
     assert any(line.startswith(name + " ") for line in stdout.splitlines()), name
   assert "WholeBody AP" in stdout and "apt36k" not in stdout  # No APT-36K sample.
-  with open(os.path.join(workdir, "eval", "metrics_0.json")) as f:
+  # posebh-eval's outputs go to their own folder, never the training run's eval/.
+  with open(os.path.join(workdir, "eval_cli", "all", "metrics_0.json")) as f:
     metrics = json.load(f)
   assert set(metrics["per_dataset"]) == set(SAMPLE_SETS)
-  assert out["metrics_file"] == os.path.join(workdir, "eval", "metrics_0.json")
+  assert out["metrics_file"] == os.path.join(workdir, "eval_cli", "all", "metrics_0.json")
+  assert not os.path.exists(os.path.join(workdir, "eval"))
   for name, m in metrics["per_dataset"].items():
     values = {k: v for k, v in m.items() if k not in ("metric", "boxes", "num_instances")
               and not k.endswith("skipped_instances")}
@@ -168,7 +170,7 @@ def _gt_as_predictions(records):
 def test_ground_truth_through_the_eval_path_scores_one(tiny_weights, tmp_path, monkeypatch,
                                                        capsys):
   _Spy(monkeypatch, replace=_gt_as_predictions)
-  out = main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), boxes="gt")
+  out = evaluate.evaluate_weights(_config(), tiny_weights, str(tmp_path), boxes="gt")
   for name in ("coco", "aic", "ap10k"):
     # AP-10K averages over its categories: 1 up to float rounding.
     assert out["datasets"][name]["values"]["AP"] == pytest.approx(1.0, abs=1e-12), name
@@ -181,7 +183,7 @@ def test_ground_truth_through_the_eval_path_scores_one(tiny_weights, tmp_path, m
 
 def test_subset_with_gt_boxes_for_coco(tiny_weights, tmp_path, monkeypatch, capsys):
   spy = _Spy(monkeypatch)
-  out = main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,mpii",
+  out = evaluate.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,mpii",
                                    boxes="gt")
   stdout = capsys.readouterr().out
   assert set(out["datasets"]) == {"coco", "mpii"} and set(spy.calls) == {0, 2}
@@ -195,19 +197,19 @@ def test_subset_with_gt_boxes_for_coco(tiny_weights, tmp_path, monkeypatch, caps
       a["id"] for a in labelled}
   assert out["datasets"]["coco"]["values"] == cm.evaluate_dataset(
       "coco", _sample(ANNOTATIONS["coco"]), _as_predictions(preds))
-  metrics = json.load(open(tmp_path / "eval" / "metrics_0.json"))
+  metrics = json.load(open(tmp_path / "eval_cli" / "coco+mpii_gt_boxes" / "metrics_0.json"))
   assert set(metrics["per_dataset"]) == {"coco", "mpii"}
 
 
 def test_bad_selection_is_a_clear_error(tiny_weights, tmp_path):
   with pytest.raises(benchmark.EvalSelectionError, match=r"unknown dataset\(s\) \['cocoo'\]"):
-    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,cocoo")
+    evaluate.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="coco,cocoo")
   with pytest.raises(benchmark.EvalSelectionError, match="'aic' has no detection boxes"):
-    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="aic",
+    evaluate.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="aic",
                                boxes="det")
   with pytest.raises(benchmark.EvalSelectionError, match="'apt36k' has no validation"):
-    main_eval.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="apt36k")
-  assert not (tmp_path / "eval").exists()
+    evaluate.evaluate_weights(_config(), tiny_weights, str(tmp_path), datasets="apt36k")
+  assert not (tmp_path / "eval").exists() and not (tmp_path / "eval_cli").exists()
 
 
 def _cli(*args):
@@ -226,8 +228,12 @@ def test_cli(tiny_weights, tmp_path):
   lines = ok.stdout.splitlines()
   assert any(line.startswith("aic ") for line in lines)
   assert any(line.startswith("ap10k ") for line in lines)
-  metrics = json.load(open(tmp_path / "eval" / "metrics_0.json"))
+  metrics = json.load(open(tmp_path / "eval_cli" / "ap10k+aic_gt_boxes" / "metrics_0.json"))
   assert set(metrics["per_dataset"]) == {"aic", "ap10k"}
+  out_dir = tmp_path / "elsewhere"
+  ok = _cli(*common, f"--workdir={tmp_path}", "--datasets=aic", "--boxes=gt", f"--out={out_dir}")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert set(json.load(open(out_dir / "metrics_0.json"))["per_dataset"]) == {"aic"}
 
 
 def test_periodic_evaluation_during_training(tmp_path, monkeypatch):

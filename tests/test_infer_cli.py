@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, shared_path
 from configs import posebh as posebh_configs
 from data_pipelines.skeletons import get_skeleton
-from posebh_jax import inference, main_infer
+from posebh_jax import image_inference, inference
 
 CONFIG = f"{REPO / 'configs' / 'posebh.py'}:tiny_reference"
 COUNTS = dict(coco=17, aic=14, mpii=16, ap10k=17, apt36k=17, coco_wholebody=133)
@@ -137,11 +137,11 @@ def test_cli_bad_input_fails_before_loading_the_model(tmp_path, args, message):
 
 def test_coco_detection_file_as_boxes():
   det = str(shared_path("data/samples/coco/test_coco_det_AP_H_56.json"))
-  table = main_infer.load_boxes(det, score_thr=0.5)
+  table = image_inference.load_boxes(det, score_thr=0.5)
   raw = json.loads(open(det).read())
   want = sum(1 for d in raw if d["image_id"] == 785 and d["score"] >= 0.5)
-  assert len(main_infer.boxes_for(table, "/x/000000000785.jpg")) == want > 0
-  assert main_infer.boxes_for(table, "/x/000000000786.jpg") == []
+  assert len(image_inference.boxes_for(table, "/x/000000000785.jpg")) == want > 0
+  assert image_inference.boxes_for(table, "/x/000000000786.jpg") == []
   assert all(len(b) == 5 and b[4] >= 0.5 for b in table[785])
 
 
@@ -159,25 +159,25 @@ def test_coco_detection_file_as_boxes():
 def test_malformed_boxes_files_name_file_and_record(tmp_path, content, message):
   path = tmp_path / "boxes.json"
   path.write_bytes(content.encode("latin-1"))
-  with pytest.raises(main_infer.BoxesFileError, match="boxes file .*boxes.json") as e:
-    main_infer.load_boxes(str(path))
+  with pytest.raises(image_inference.BoxesFileError, match="boxes file .*boxes.json") as e:
+    image_inference.load_boxes(str(path))
   assert message in str(e.value)
   with pytest.raises(FileNotFoundError, match="no such boxes file"):
-    main_infer.load_boxes(str(tmp_path / "none.json"))
+    image_inference.load_boxes(str(tmp_path / "none.json"))
 
 
 def test_image_discovery(tmp_path):
   for name in ("b.jpg", "a.PNG", "notes.txt"):
     (tmp_path / name).write_bytes(b"x")
-  assert main_infer.discover_images(str(tmp_path)) == [str(tmp_path / "a.PNG"),
+  assert image_inference.discover_images(str(tmp_path)) == [str(tmp_path / "a.PNG"),
                                                        str(tmp_path / "b.jpg")]
   (tmp_path / "sub").mkdir()
   (tmp_path / "sub" / "b.png").write_bytes(b"x")
-  with pytest.raises(main_infer.ImagesError, match="would both write b.json"):
-    main_infer.discover_images(f"{tmp_path},{tmp_path / 'sub' / 'b.png'}")
+  with pytest.raises(image_inference.ImagesError, match="would both write b.json"):
+    image_inference.discover_images(f"{tmp_path},{tmp_path / 'sub' / 'b.png'}")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no images .* in folder"):
-    main_infer.discover_images(str(tmp_path / "empty"))
+    image_inference.discover_images(str(tmp_path / "empty"))
 
 
 def test_corrupt_image_is_skipped_named_and_the_rest_written(tiny_weights, tmp_path):
@@ -186,7 +186,7 @@ def test_corrupt_image_is_skipped_named_and_the_rest_written(tiny_weights, tmp_p
   corrupt = tmp_path / "corrupt.jpg"
   corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
   good = str(shared_path("data/samples/aic/054d9ce9201beffc76e5ff2169d2af2f027002ca.jpg"))
-  result = main_infer.infer_images(predictor, [str(corrupt), good], None, ["aic"], "head",
+  result = image_inference.infer_images(predictor, [str(corrupt), good], None, ["aic"], "head",
                                    str(tmp_path / "out"), overlay_max_side=300)
   assert len(result["failed"]) == 1 and "corrupt.jpg" in result["failed"][0]
   stem = tmp_path / "out" / "054d9ce9201beffc76e5ff2169d2af2f027002ca"

@@ -113,11 +113,11 @@ def test_distributed_config_reaches_jax_distributed(monkeypatch):
   # `--config.distributed.*` → jax.distributed.initialize's arguments; unset fields are left to
   # JAX's cluster auto-detection (TPU pods, SLURM), so they must not be passed at all.
   import jax
-  from posebh_jax import main_train
+  from posebh_jax.train import distributed
   calls = []
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
   dist = synthetic.get_config("tiny").distributed
-  main_train.initialize_distributed(dist)
+  distributed.initialize_distributed(dist)
   dist.coordinator_address, dist.num_processes, dist.process_id = "host0:1234", 4, 2
-  main_train.initialize_distributed(dist)
+  distributed.initialize_distributed(dist)
   assert calls == [{}, dict(coordinator_address="host0:1234", num_processes=4, process_id=2)]

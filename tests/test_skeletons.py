@@ -295,3 +295,29 @@ def test_config_entry_without_name_fails_loudly():
 def test_unknown_skeleton_names_the_known_ones():
   with pytest.raises(KeyError, match="synth_coco"):
     skeletons.get_skeleton("nope")
+
+
+def test_synthetic_skeletons_draw_in_their_own_colours():
+  """Overlays of several synthetic skeletons on one image tell them apart (each its palette)."""
+  from data_pipelines.skeletons import SYNTHETIC_SKELETONS
+  from posebh_jax import visualize
+  palettes = {name: set(s.keypoint_colors) | set(s.limb_colors)
+              for name, s in SYNTHETIC_SKELETONS.items()}
+  for s in SYNTHETIC_SKELETONS.values():
+    assert len(s.keypoint_colors) == s.num_keypoints and len(s.limb_colors) == len(s.limbs)
+  names = sorted(palettes)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      assert not palettes[a] & palettes[b], (a, b)
+  # Drawn: the same points as synth_coco and as synth_aic give different pixels.
+  image = np.zeros((64, 64, 3), np.uint8)
+  drawn = {}
+  for name in ("synth_coco", "synth_aic"):
+    k = SYNTHETIC_SKELETONS[name].num_keypoints
+    kpts = np.stack([np.linspace(8, 56, k), np.linspace(8, 56, k), np.ones(k)], axis=1)
+    drawn[name] = visualize.draw_poses(image, [dict(skeleton=name, keypoints=kpts)],
+                                       draw_boxes=False)
+  colours = {n: {tuple(c) for c in d.reshape(-1, 3) if c.any()} for n, d in drawn.items()}
+  assert colours["synth_coco"] and colours["synth_aic"]
+  assert not {(0, 255, 0), (255, 128, 0)} & colours["synth_aic"]
+  assert {(255, 0, 255), (0, 255, 255)} & colours["synth_aic"]

@@ -400,9 +400,8 @@ def metrics_dict(results: EvalResults, step: int) -> dict[str, Any]:
   return dict(step=step, per_dataset=per_dataset, cross_skeleton=cross)
 
 
-def write_metrics(results: EvalResults, workdir: str, step: int) -> str:
-  """Writes `<workdir>/eval/metrics_<step>.json` (atomically) and returns its path."""
-  out_dir = os.path.join(workdir, "eval")
+def write_metrics(results: EvalResults, out_dir: str, step: int) -> str:
+  """Writes `<out_dir>/metrics_<step>.json` (atomically) and returns its path."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"metrics_{step}.json")
   tmp = path + ".tmp"

@@ -395,10 +395,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, step, writer=None,
-             *, files=None, protocols=None, evaluator=None) -> dict[str, Any]:
+             *, files=None, protocols=None, evaluator=None,
+             eval_dir: str | None = None) -> dict[str, Any]:
   """Evaluates with each dataset's paper protocol (spec §5.1; `evaluation.benchmark`), prints
-  the table, writes `eval/metrics_<step>.json` (and the COCO result files under
-  `eval/results_<step>/`) and, with a `writer`, TensorBoard scalars.
+  the table, writes `<eval_dir>/metrics_<step>.json` (and the COCO result files under
+  `<eval_dir>/results_<step>/`) and, with a `writer`, TensorBoard scalars.
 
   Args:
     val_records: validation records per dataset index, read with the protocols' boxes.
@@ -406,11 +407,13 @@ def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, s
     protocols: the datasets to score (default: every dataset with validation annotations,
       boxes as configured).
     evaluator: a `BenchmarkEvaluator` to reuse (periodic evaluation: compiled once).
+    eval_dir: where the outputs go (default `<workdir>/eval`, the training run's own).
   """
+  eval_dir = os.path.join(workdir, "eval") if eval_dir is None else eval_dir
   if evaluator is None:
     evaluator = make_evaluator(config, workdir, model, layout, td_cfg, mesh, val_records,
                                files=files, protocols=protocols)
-  results_dir = os.path.join(workdir, "eval", f"results_{step}") if _is_writer() else None
+  results_dir = os.path.join(eval_dir, f"results_{step}") if _is_writer() else None
   results = evaluator.run(state.params, state.batch_stats, results_dir=results_dir)
   table = benchmark.format_table(results, config.eval.pck_thresholds)
   out = {}
@@ -418,7 +421,7 @@ def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, s
     flip = "with" if evaluator.flip_test else "without"
     print(f"\nEvaluation at step {step} (held-out images, {flip} flip test; values in [0, 1]):"
           f"\n{table}\n", flush=True)
-    path = benchmark.write_metrics(results, workdir, step)
+    path = benchmark.write_metrics(results, eval_dir, step)
     print(f"metrics written to {path}", flush=True)
     out["metrics_file"] = path
     if writer is not None:

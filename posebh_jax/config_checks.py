@@ -1,0 +1,97 @@
+"""Config checks that run before any data is read or anything compiles.
+
+A bad value found here costs the user one line naming the field, not a traceback minutes later
+(grain's batch-size error after the data is read, a ZeroDivisionError after the first step, an
+XLA shape error while compiling, a keypoint-count mismatch at the final evaluation).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from data_pipelines import readers
+from data_pipelines.skeletons import REAL_SKELETONS, SKELETONS
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+  for field in fields:
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+      raise ConfigError(f"{field}={value!r}: must be a positive number")
+
+
+def _positive_or_off(config: ml_collections.ConfigDict, field: str) -> None:
+  section, name = field.split(".")
+  value = config[section].get(name, -1)
+  if value == 0 or value < -1:
+    raise ConfigError(f"{field}={value}: must be a positive number of steps, or -1 (off)")
+
+
+def check_input_geometry(config: ml_collections.ConfigDict) -> None:
+  """Input and heatmap sizes that the patch embedding and the upsampling heads can produce."""
+  (h, w), p = tuple(config.data.image_size), config.model.patch_size
+  if h % p or w % p:
+    raise ConfigError(f"data.image_size={(h, w)}: each side must be a multiple of "
+                      f"model.patch_size={p}")
+  hp, wp = ((s + 2 * config.model.patch_padding - p) // p + 1 for s in (h, w))
+  heads = [("model.head_deconv_filters", len(config.model.head_deconv_filters))]
+  if config.model.use_proto_head:
+    heads.append(("model.proto.deconv_filters", len(config.model.proto.deconv_filters)))
+  want = tuple(config.data.heatmap_size)
+  for field, n in heads:
+    have = (hp * 2 ** n, wp * 2 ** n)
+    if have != want:
+      raise ConfigError(
+          f"data.heatmap_size={want}: the {hp}x{wp} token grid of data.image_size={(h, w)} "
+          f"upsampled by the {n} layer(s) of {field} gives {have}")
+
+
+def check_datasets(config: ml_collections.ConfigDict) -> None:
+  """Every listed dataset has an entry, a known skeleton and format, and the keypoint count
+  that its annotation format stores."""
+  names = tuple(config.data.dataset_names)
+  if not names:
+    raise ConfigError("data.dataset_names is empty: name at least one dataset")
+  for name in names:
+    if name not in config.data.datasets:
+      raise ConfigError(f"data.dataset_names has {name!r} but data.datasets has no entry for "
+                        f"it (known: {sorted(config.data.datasets.keys())})")
+    entry = config.data.datasets[name]
+    field = f"data.datasets.{name}"
+    if entry.skeleton not in SKELETONS:
+      raise ConfigError(f"{field}.skeleton={entry.skeleton!r}: unknown skeleton; known: "
+                        f"{sorted(SKELETONS)}")
+    fmt = entry.get("format", "coco")
+    if fmt not in readers.FORMATS:
+      raise ConfigError(f"{field}.format={fmt!r}: unknown annotation format; known: "
+                        f"{list(readers.FORMATS)}")
+    if entry.skeleton in REAL_SKELETONS and fmt in REAL_SKELETONS:
+      have = SKELETONS[entry.skeleton].num_keypoints
+      want = REAL_SKELETONS[fmt].num_keypoints
+      if have != want:
+        raise ConfigError(f"{field}: skeleton {entry.skeleton!r} has {have} keypoints but "
+                          f"format {fmt!r} files hold {want}")
+    if not isinstance(entry.get("weight", 1.0), (int, float)) or entry.get("weight", 1.0) < 0:
+      raise ConfigError(f"{field}.weight={entry.get('weight')!r}: must be a number >= 0")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` (one line, naming the field) for values that cannot work.
+
+  Cheap and local: reads no data file and touches no device.
+  """
+  _positive(config, "train.batch_size", "eval.batch_size", "train.log_every",
+            "train.checkpoint_every", "train.keep_checkpoints")
+  if config.train.num_steps < 0:
+    raise ConfigError(f"train.num_steps={config.train.num_steps}: must be >= 0")
+  _positive_or_off(config, "train.eval_every")
+  if not config.train.learning_rate >= 0:  # Also catches NaN.
+    raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be >= 0")
+  check_input_geometry(config)
+  check_datasets(config)
