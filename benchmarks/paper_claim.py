@@ -80,7 +80,6 @@ def main() -> None:
                       help="override train.num_steps for both models (smoke runs only)")
   parser.add_argument("--threshold", default="0.1", help="PCK threshold to report")
   args = parser.parse_args()
-  jax.config.update("jax_threefry_partitionable", True)  # As posebh-train.
   seeds = [int(s) for s in args.seeds.split(",") if s]
   workdir = os.path.abspath(args.workdir)
   data_root = os.path.join(workdir, "synthetic_data")

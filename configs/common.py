@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   # remaining devices); leaves under fsdp_min_size elements stay replicated.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
 
-  # Multi-process runs (posebh_jax/main_train.py): jax.distributed.initialize() arguments; empty
+  # Multi-process runs (posebh_jax/train/distributed.py): jax.distributed.initialize() arguments; empty
   # / -1 = detected from the environment (TPU pods, SLURM, JAX_COORDINATOR_ADDRESS, ...).
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address="", num_processes=-1, process_id=-1))

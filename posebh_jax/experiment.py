@@ -2,7 +2,7 @@
 
 The config is the only indirection: every builder here reads named fields and constructs classes
 by explicit import. Shared by training (`posebh_jax.train.loop`) and evaluation
-(`posebh_jax.main_eval`), so both see the same model and data for the same config.
+(`posebh_jax.evaluation.evaluate`), so both see the same model and data for the same config.
 """
 
 from __future__ import annotations

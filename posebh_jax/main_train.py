@@ -33,9 +33,7 @@ def main(argv) -> None:
     config_checks.check_config(config)  # Before jax, data or compilation: a typo fails at once.
   except config_checks.ConfigError as e:
     sys.exit(f"posebh-train: {e}")
-  import jax  # After flag parsing, so --jax_* flags apply.
-  # Random bits that do not depend on how arrays are partitioned: the same step on 1 or 8 devices.
-  jax.config.update("jax_threefry_partitionable", True)
+  # (Random bits independent of partitioning, jax_threefry_partitionable, are jax 0.10's default.)
   from posebh_jax.train import distributed, loop
   if _DISTRIBUTED.value or config.distributed.enabled:
     distributed.initialize_distributed(config.distributed)
