@@ -249,6 +249,56 @@ def test_conv_transpose_matches_pytorch_definition(kernel):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [4, 3, 2])
+def test_conv_transpose_matches_lax_forward_and_gradients(kernel):
+  """The GEMM + overlap-add layer equals the dilated `lax.conv_transpose` (flax's old layer):
+  outputs, and gradients with respect to the input and the kernel, on random data."""
+  rng = np.random.default_rng(10 + kernel)
+  x = jnp.asarray(rng.normal(size=(2, 5, 4, 6)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 7, 6)), jnp.float32)  # [k, k, C_out, C_in]
+  cot = jnp.asarray(rng.normal(size=(2, 10, 8, 7)), jnp.float32)
+  pad, out_pad = heads_lib.deconv_padding(kernel)
+  lax_pad = (kernel - 1 - pad, kernel - 1 - pad + out_pad)
+
+  def old(x, k):
+    return jax.lax.conv_transpose(x, k, (2, 2), (lax_pad, lax_pad), transpose_kernel=True,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def new(x, k):
+    return heads_lib.conv_transpose_2x(x, k, pad, out_pad)
+
+  np.testing.assert_allclose(new(x, k), old(x, k), rtol=1e-5, atol=1e-5)
+  g_old = jax.grad(lambda x, k: jnp.vdot(old(x, k), cot), argnums=(0, 1))(x, k)
+  g_new = jax.grad(lambda x, k: jnp.vdot(new(x, k), cot), argnums=(0, 1))(x, k)
+  for a, b in zip(g_new, g_old):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_transpose_param_is_flax_conv_transpose_param():
+  """Same parameter name, shape and seeded init as `nn.ConvTranspose(transpose_kernel=True)`,
+  so converted checkpoints and the goldens made with the old layer load unchanged."""
+  x = jnp.ones((1, 3, 2, 6))
+
+  class Old(nn.Module):
+    @nn.compact
+    def __call__(self, y):
+      return nn.ConvTranspose(5, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                              use_bias=False, transpose_kernel=True,
+                              kernel_init=nn.initializers.normal(0.001), name="deconv")(y)
+
+  class New(nn.Module):
+    @nn.compact
+    def __call__(self, y):
+      return heads_lib.torch_conv_transpose(5, 4, "deconv")(y)
+
+  p_old = Old().init(jax.random.key(3), x)
+  p_new = New().init(jax.random.key(3), x)
+  assert jax.tree.structure(p_old) == jax.tree.structure(p_new)
+  np.testing.assert_array_equal(p_new["params"]["deconv"]["kernel"],
+                                p_old["params"]["deconv"]["kernel"])
+  np.testing.assert_allclose(New().apply(p_old, x), Old().apply(p_old, x), rtol=1e-5, atol=1e-7)
+
+
 def test_heads_standalone_shapes():
   x = jnp.ones((2, 4, 3, 16))
   head = HeatmapHead(7, deconv_filters=(8,), final_kernel=3)

@@ -38,23 +38,82 @@ def deconv_padding(kernel: int) -> tuple[int, int]:
   raise ValueError(f"unsupported deconv kernel size {kernel} (expected 2, 3 or 4)")
 
 
+def conv_transpose_2x(x: jax.Array, kernel: jax.Array, padding: int,
+                      output_padding: int) -> jax.Array:
+  """PyTorch `ConvTranspose2d(stride=2, padding, output_padding, bias=False)` as GEMM + col2im.
+
+  Equal (to float rounding) to `lax.conv_transpose(x, kernel, (2, 2), ..., transpose_kernel=True)`
+  with PyTorch's padding, but computed as PyTorch does: one matmul `x · W[C_in, k·k·C_out]` per
+  input pixel, then overlap-add of the `k x k` patches into the stride-2 output. XLA:CPU runs the
+  dilated conv's kernel gradient on a slow generic path (issue 19: 20 s of a 22 s step); here
+  both gradients are plain matmuls (`benchmarks/deconv.py` times the alternatives).
+
+  Args:
+    x: `[B, H, W, C_in]`.
+    kernel: `[k, k, C_out, C_in]`, the PyTorch weight `[C_in, C_out, k, k]` permuted.
+    padding: PyTorch `padding` p (cropped from both sides of the full output).
+    output_padding: PyTorch `output_padding` op (extra rows/columns at the end).
+
+  Returns:
+    `[B, 2(H-1) - 2p + k + op, 2(W-1) - 2p + k + op, C_out]`.
+  """
+  b, h, w, c_in = x.shape
+  k, _, c_out, _ = kernel.shape
+  q = -(-k // 2)  # Taps per output parity: kernel row kh = 2 qi + r feeds full row 2 (i + qi) + r.
+  kernel = jnp.pad(kernel, ((0, 2 * q - k), (0, 2 * q - k), (0, 0), (0, 0)))  # Taps >= k are 0.
+  wmat = kernel.transpose(3, 0, 1, 2).reshape(c_in, 4 * q * q * c_out)
+  patches = (x.reshape(b * h * w, c_in) @ wmat).reshape(b, h, w, q, 2, q, 2, c_out)
+  # Overlap-add: full[2m + r, 2n + c] = sum_{qi, qj} patches[m - qi, n - qj, qi, r, qj, c].
+  full = 0.
+  for qi in range(q):
+    for qj in range(q):
+      full = full + jnp.pad(patches[:, :, :, qi, :, qj],
+                            ((0, 0), (qi, q - 1 - qi), (qj, q - 1 - qj), (0, 0), (0, 0), (0, 0)))
+  hq, wq = h + q - 1, w + q - 1
+  full = full.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * hq, 2 * wq, c_out)
+  ho = 2 * (h - 1) - 2 * padding + k + output_padding
+  wo = 2 * (w - 1) - 2 * padding + k + output_padding
+  # Rows past the full output (output_padding) are zero in `full` already: no tap reaches them.
+  return full[:, padding:padding + ho, padding:padding + wo]
+
+
+class TorchConvTranspose(nn.Module):
+  """PyTorch `ConvTranspose2d(stride=2, bias=False)` in NHWC with the mmpose padding for `k`.
+
+  The parameter is `kernel` `[k, k, C_out, C_in]`, the name, shape, layout and initialiser flax's
+  `nn.ConvTranspose(transpose_kernel=True)` used, so converted checkpoints and seeded inits are
+  unchanged; only the computation differs (`conv_transpose_2x`).
+
+  Attributes:
+    features: output channels C_out.
+    kernel_size: k (4 in PoseBH; 2 and 3 also supported, see `deconv_padding`).
+    dtype: compute dtype.
+  """
+  features: int
+  kernel_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[B, H, W, C_in]` -> `[B, 2H, 2W, features]`."""
+    k = self.kernel_size
+    p, op = deconv_padding(k)
+    kernel = self.param("kernel", _head_init, (k, k, self.features, x.shape[-1]), jnp.float32)
+    return conv_transpose_2x(x.astype(self.dtype), kernel.astype(self.dtype), p, op)
+
+
 def torch_conv_transpose(features: int, kernel_size: int, name: str,
-                         dtype: Dtype = jnp.float32) -> nn.ConvTranspose:
+                         dtype: Dtype = jnp.float32) -> TorchConvTranspose:
   """PyTorch `ConvTranspose2d(stride=2, padding=p, output_padding=op, bias=False)` in NHWC.
 
   A PyTorch transposed conv is a stride-1 conv over the input dilated by the stride, padded by
-  (k - 1 - p) before and (k - 1 - p + op) after, with the kernel flipped and in/out swapped.
-  `lax.conv_transpose(transpose_kernel=True)` does exactly that flip/swap, so the flax kernel is
-  the PyTorch weight `[C_in, C_out, kh, kw]` permuted to `[kh, kw, C_out, C_in]` (checked against
-  a numpy scatter implementation in tests/test_models.py). Maps `[B, H, W, C_in]` to
-  `[B, 2H, 2W, features]`.
+  (k - 1 - p) before and (k - 1 - p + op) after, with the kernel flipped and in/out swapped
+  (`lax.conv_transpose(transpose_kernel=True)`), so the flax kernel is the PyTorch weight
+  `[C_in, C_out, kh, kw]` permuted to `[kh, kw, C_out, C_in]` (checked against a numpy scatter
+  implementation and against `lax.conv_transpose` in tests/test_models.py). Maps
+  `[B, H, W, C_in]` to `[B, 2H, 2W, features]`.
   """
-  p, op = deconv_padding(kernel_size)
-  pad = (kernel_size - 1 - p, kernel_size - 1 - p + op)
-  return nn.ConvTranspose(
-      features, (kernel_size, kernel_size), strides=(2, 2), padding=(pad, pad), use_bias=False,
-      transpose_kernel=True, kernel_init=_head_init, dtype=dtype, param_dtype=jnp.float32,
-      name=name)
+  return TorchConvTranspose(features, kernel_size, dtype=dtype, name=name)
 
 
 def _batch_norm(train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
