@@ -23,7 +23,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Commands that need what only the user has; each with the reason.
 NOT_HERE = [
-    (r"\bpip install\b|python3 -m venv", "the install itself: CI runs it on a fresh machine"),
+    (r"\bpip install\b|python3 -m venv|^\. \.venv/bin/activate",
+     "the install itself: CI runs it on a fresh machine"),
     (r"python -m pytest", "the test suite itself"),
     (r"=/data\b|--config.data.root=/data", "the real datasets under /data"),
     (r"/ckpt/|converted/|\.pth\b", "the authors' checkpoints, downloaded by the user"),
@@ -44,7 +45,8 @@ def readme_commands() -> list[str]:
     for line in block.replace("\\\n", " ").splitlines():
       line = re.sub(r"\s+#.*$", "", " ".join(line.split()))  # Trailing comments.
       if line and not line.startswith("#"):
-        commands.append(line)
+        # `a && b` (the Quick start's install-then-run lines): each part on its own.
+        commands.extend(part.strip() for part in line.split(" && "))
   return commands
 
 
