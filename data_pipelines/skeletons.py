@@ -19,10 +19,13 @@ keypoints in COCO order, `synth_aic` AI Challenger's 14 (with head top and neck)
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 Color = tuple[int, int, int]
 
@@ -633,6 +636,80 @@ def get_skeleton(name: str) -> SkeletonInfo:
     return SKELETONS[name]
   except KeyError:
     raise KeyError(f"unknown skeleton {name!r}; known: {sorted(SKELETONS)}") from None
+
+
+SkeletonSpec = Union[str, Mapping[str, Any], SkeletonInfo]
+
+
+def resolve_skeleton(spec: SkeletonSpec, *, default_name: str | None = None) -> SkeletonInfo:
+  """A dataset entry's `skeleton` field → its `SkeletonInfo`.
+
+  The one resolver behind every use of a config's skeleton (layout, config checks, TFDS builds,
+  evaluation, inference), so a new skeleton is declared once, in the config, and no package
+  table needs editing.
+
+  Args:
+    spec: one of
+      * a known name (`SKELETONS`: "coco", "synth_aic", ...);
+      * a mapping (dict or `ml_collections.ConfigDict`) of `SkeletonInfo.from_dict` keys;
+      * a path, local or gs:// (read with `etils.epath`), to a JSON file holding such a mapping;
+        a string is taken as a path when it ends in ".json" or contains "/";
+      * a `SkeletonInfo` (returned as is).
+    default_name: the skeleton's name when a mapping or file gives none (the dataset's name).
+
+  Raises:
+    ValueError: an unknown name, an unreadable file, or fields `from_dict` rejects; the message
+      names the skeleton (and the file).
+  """
+  if isinstance(spec, SkeletonInfo):
+    return spec
+  if isinstance(spec, str):
+    if spec in SKELETONS:
+      return SKELETONS[spec]
+    if not (spec.endswith(".json") or "/" in spec):
+      raise ValueError(f"unknown skeleton {spec!r}: not a known name ({sorted(SKELETONS)}), "
+                       f"a mapping of SkeletonInfo.from_dict keys, or a .json file")
+    return _skeleton_file(spec, default_name)
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict.
+    spec = spec.to_dict()
+  if not isinstance(spec, Mapping):
+    raise ValueError(f"skeleton must be a name, a mapping or a .json path, not "
+                     f"{type(spec).__name__}")
+  return _from_mapping(spec, default_name)
+
+
+def _from_mapping(d: Mapping[str, Any], default_name: str | None) -> SkeletonInfo:
+  d = dict(d)
+  if "name" not in d and default_name is not None:
+    d["name"] = default_name
+  return SkeletonInfo.from_dict(d)
+
+
+@functools.lru_cache(maxsize=64)
+def _skeleton_file(path: str, default_name: str | None) -> SkeletonInfo:
+  """A JSON skeleton file (cached: every call site resolves the same entry)."""
+  try:
+    d = json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"skeleton file {path}: cannot read it as JSON ({e})") from None
+  if not isinstance(d, Mapping):
+    raise ValueError(f"skeleton file {path}: expected a JSON object of SkeletonInfo.from_dict "
+                     f"keys, got {type(d).__name__}")
+  try:
+    return _from_mapping(d, default_name)
+  except ValueError as e:
+    raise ValueError(f"skeleton file {path}: {e}") from None
+
+
+def skeleton_to_dict(skeleton: SkeletonInfo) -> dict[str, Any]:
+  """A JSON-serialisable mapping that `SkeletonInfo.from_dict` turns back into `skeleton`."""
+  return dict(
+      name=skeleton.name, keypoint_names=list(skeleton.keypoint_names), swap=list(skeleton.swap),
+      sigmas=list(skeleton.sigmas), upper_body=list(skeleton.upper_body),
+      body_type=skeleton.body_type, limbs=[list(l) for l in skeleton.limbs],
+      joint_weights=list(skeleton.joint_weights),
+      keypoint_colors=[list(c) for c in skeleton.keypoint_colors],
+      limb_colors=[list(c) for c in skeleton.limb_colors])
 
 
 def keypoint_offsets(num_keypoints: Sequence[int]) -> tuple[int, ...]:

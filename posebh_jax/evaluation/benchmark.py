@@ -143,7 +143,9 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
         continue
       raise EvalSelectionError(f"dataset {name!r} has no validation annotations "
                                f"(data.datasets.{name}.val_ann is empty)")
-    metric, kind = metric_for(entry, synthetic)
+    # Only generated data has the cross-skeleton ground truth of box-normalised PCK; another
+    # dataset in a synthetic config is scored by its own format's protocol.
+    metric, kind = metric_for(entry, synthetic and experiment.is_generated(config, name, entry))
     det = entry.get("val_det", "")
     if boxes == "gt":
       det = ""
