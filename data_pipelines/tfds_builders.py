@@ -215,6 +215,13 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
 _STANDARD.update({c.name: c for c in PosebhKeypoints.BUILDER_CONFIGS})
 
 
+def _config_arg(name: str, format: str | None, num_keypoints: int | None
+                ) -> str | KeypointsConfig:
+  # TFDS refuses a config object named like one of BUILDER_CONFIGS: standard builds by name.
+  config = builder_config(name, format, num_keypoints)
+  return config.name if config.name in _STANDARD else config
+
+
 def build(name: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir: str, *,
           image_size_hw: Sequence[int] = (256, 192), padding: float = 1.25,
           det_bbox_thr: float = 0.0, decode_images: bool = False, format: str | None = None,
@@ -229,8 +236,8 @@ def build(name: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir:
     ValueError: an existing build lacks one of `splits` or was built with another
       `image_size_hw` / `padding` (delete it to rebuild); a bad name / format / count.
   """
-  config = builder_config(name, format, num_keypoints)
-  builder = PosebhKeypoints(data_dir=data_dir, config=config, splits=splits, image_dir=image_dir,
+  builder = PosebhKeypoints(data_dir=data_dir, config=_config_arg(name, format, num_keypoints),
+                            splits=splits, image_dir=image_dir,
                             image_size_hw=image_size_hw, padding=padding,
                             det_bbox_thr=det_bbox_thr, decode_images=decode_images)
   builder.download_and_prepare()
@@ -260,7 +267,8 @@ def stored_reports(builder: tfds.core.DatasetBuilder) -> dict[str, ReadReport]:
 def open_builder(data_dir: str, name: str, *, format: str | None = None,
                  num_keypoints: int | None = None) -> PosebhKeypoints:
   """The built dataset `name` under `data_dir`, for reading (`builder_config` arguments)."""
-  builder = PosebhKeypoints(data_dir=data_dir, config=builder_config(name, format, num_keypoints))
+  builder = PosebhKeypoints(data_dir=data_dir,
+                            config=_config_arg(name, format, num_keypoints))
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"no built {name!r} dataset under {data_dir} (expected {builder.data_dir}); build it "
