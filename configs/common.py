@@ -6,14 +6,21 @@ Tuples, not lists, so that every field can be overridden on the command line.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import ml_collections
 
 
-def dataset_entry(*, skeleton: str, train_ann: str, val_ann: str, image_dir: str,
+def dataset_entry(*, skeleton: str | Mapping[str, Any], train_ann: str, val_ann: str, image_dir: str,
                   weight: float = 1.0, encoding: str = "msra", format: str = "coco",
                   half_body: bool = True, val_det: str = "", val_image_dir: str = ""
                   ) -> ml_collections.ConfigDict:
-  """One training dataset: which skeleton it annotates, its files, mixing weight, target encoding.
+  """One dataset: which skeleton it annotates, its files, mixing weight, target encoding.
+
+  `skeleton` is a known name ("coco", ...), a mapping of `SkeletonInfo.from_dict` keys (names,
+  flip pairs, sigmas, upper body, limbs, colours; see README "Add a dataset") or the path (local
+  or gs://) of a JSON file holding one. `train_ann` "" makes the dataset evaluation-only: its
+  head is evaluated on `val_ann` but never trained.
 
   `encoding` is "udp" (UDP affine + UDP target, spec §4.4) or "msra" (standard affine + MSRA).
   `format` is the annotation format (`data_pipelines.readers.FORMATS`: "coco", "aic", "mpii",

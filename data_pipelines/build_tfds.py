@@ -13,7 +13,8 @@ config's `data.tfds_dir`; train with the same `data.tfds_dir`. Builds are keyed 
 count (`experiment.tfds_builds`), so a new skeleton, or a second dataset of one format, gets its
 own build; an unknown format, and a dataset named like a reference format ("coco", ...) with
 another format or keypoint count, are refused naming the dataset. An evaluation-only entry (no
-train_ann) builds its validation splits only. An already built dataset is reused (checked to
+train_ann) builds its validation splits only; generated synthetic datasets in the config are
+skipped (the run generates and reads them). An already built dataset is reused (checked to
 have the splits, crop size and padding asked for).
 
 One dataset from explicit files:
@@ -145,16 +146,23 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
   """
   from posebh_jax import experiment  # Imports the model code: only the --config mode needs it.
   entries = experiment.dataset_entries(config)
-  generated = [n for n, e in zip(config.data.dataset_names, entries)
-               if experiment.is_generated(config, n, e)]
-  if generated:
-    raise ValueError(f"datasets {generated}: synthetic data is generated per workdir and read "
-                     f"from its files; it has no TFDS build (build the config's other datasets "
-                     f"from a config without them)")
+  generated = [experiment.is_generated(config, n, e)
+               for n, e in zip(config.data.dataset_names, entries)]
+  if all(generated):
+    raise ValueError("synthetic data is generated per workdir and read from its files; it has "
+                     "no TFDS build")
   tfds_builds = experiment.tfds_builds(config)
-  files = experiment.resolve_dataset_files(config, workdir="")
+  # Only the datasets that read files: generating the synthetic ones here would be wasted.
+  sub = config
+  if any(generated):
+    sub = config.copy_and_resolve_references()
+    with sub.unlocked():
+      sub.data.synthetic.enabled = False
+  files = experiment.resolve_dataset_files(sub, workdir="")
   builds = []
-  for f, tb, entry in zip(files, tfds_builds, entries):
+  for f, tb, entry, gen in zip(files, tfds_builds, entries, generated):
+    if gen:  # Generated per workdir; the training run reads its files.
+      continue
     splits = {}
     if f.train_ann:
       splits["train"] = tfds_builders.SplitFiles(f.train_ann)

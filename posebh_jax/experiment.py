@@ -220,7 +220,7 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
   """Every dataset's `split` ("train" or "val") instance records, by its `format`.
 
   From `data.tfds_dir` (built ArrayRecord, random access without loading it all) when set,
-  otherwise from the annotation files (`readers.read_dataset`). Training records of
+  except for generated synthetic data, otherwise from the annotation files (`readers.read_dataset`). Training records of
   COCO-format datasets get the seeded centre jitter when `data.center_jitter` is on.
 
   Raises:
@@ -247,7 +247,7 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
     jitter = (config.seed if split == "train" and config.data.get("center_jitter", False)
               and fmt != "mpii" else None)
     det = entry.get("val_det", "") if split == "val" else ""
-    if tfds_dir:
+    if tfds_dir and not is_generated(config, f.name, entry):  # Generated data: its files.
       tfds_split = "val_det" if det else split
       key = dict(format=fmt, num_keypoints=build.num_keypoints)
       recs = tfds_builders.TfdsRecords(
