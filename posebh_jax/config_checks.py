@@ -119,6 +119,41 @@ def check_datasets(config: ml_collections.ConfigDict, *, read_files: bool = True
         raise ConfigError(f"{field}: cannot read its annotation file ({e})") from None
 
 
+def check_eval_datasets(config: ml_collections.ConfigDict, *, read_files: bool = True) -> None:
+  """Each `data.eval_datasets` entry exists, names a model dataset in `predict_with` and has
+  that dataset's keypoint count (in its skeleton and its annotation files)."""
+  names = tuple(config.data.dataset_names)
+  for name in config.data.get("eval_datasets", ()):
+    field = f"data.datasets.{name}"
+    if name not in config.data.datasets:
+      raise ConfigError(f"data.eval_datasets has {name!r} but data.datasets has no entry for it")
+    if name in names:
+      raise ConfigError(f"data.eval_datasets has {name!r}, which is also in data.dataset_names "
+                        f"(a model dataset is evaluated anyway)")
+    entry = config.data.datasets[name]
+    via = entry.get("predict_with", "")
+    if via not in names:
+      raise ConfigError(f"{field}.predict_with={via!r}: must name the dataset (of "
+                        f"data.dataset_names {list(names)}) whose expert and head predict it")
+    try:
+      skeleton = resolve_skeleton(entry.skeleton, default_name=name)
+      want = resolve_skeleton(config.data.datasets[via].skeleton, default_name=via)
+    except ValueError as e:
+      raise ConfigError(f"{field}.skeleton: {e}") from None
+    if skeleton.num_keypoints != want.num_keypoints:
+      raise ConfigError(f"{field}.skeleton: {skeleton.name!r} has {skeleton.num_keypoints} "
+                        f"keypoints but {via!r}'s head predicts {want.num_keypoints}")
+    fmt = entry.get("format", "coco")
+    if fmt not in readers.FORMATS:
+      raise ConfigError(f"{field}.format={fmt!r}: unknown annotation format; known: "
+                        f"{list(readers.FORMATS)}")
+    if read_files:
+      try:
+        check_annotation_counts(config, name, skeleton)
+      except OSError as e:
+        raise ConfigError(f"{field}: cannot read its annotation file ({e})") from None
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` (one line, naming the field) for values that cannot work.
 
@@ -134,3 +169,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be >= 0")
   check_input_geometry(config)
   check_datasets(config)
+  check_eval_datasets(config)

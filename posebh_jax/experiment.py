@@ -178,6 +178,14 @@ def tfds_formats(config: ml_collections.ConfigDict) -> list[str]:
   return [b.format for b in tfds_builds(config)]
 
 
+def entry_files(config: ml_collections.ConfigDict, name: str) -> DatasetFiles:
+  """The files of any `data.datasets` entry (e.g. one of `data.eval_datasets`), against
+  `data.root`; not for generated synthetic data."""
+  e, root = config.data.datasets[name], config.data.root
+  return DatasetFiles(name, join_root(root, e.train_ann), join_root(root, e.val_ann),
+                      join_root(root, e.image_dir), join_root(root, e.get("val_image_dir", "")))
+
+
 def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> list[DatasetFiles]:
   """Where each dataset's annotations and images are; generates the synthetic data if enabled.
 

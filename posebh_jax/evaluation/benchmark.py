@@ -76,10 +76,17 @@ class DatasetProtocol:
   val_ann: str
   val_det: str = ""
   val_gt_mat: str = ""
+  # Position of its records in the evaluator's list: -1 = `index`; an entry of
+  # `data.eval_datasets` (predicted with dataset `index`'s expert and head) has its own.
+  slot: int = -1
 
   @property
   def boxes(self) -> str:
     return "det" if self.val_det else "gt"
+
+  @property
+  def record_slot(self) -> int:
+    return self.index if self.slot < 0 else self.slot
 
 
 def metric_for(entry: Mapping[str, Any], synthetic: bool) -> tuple[str, str]:
@@ -105,8 +112,8 @@ def parse_datasets(arg: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
-                      datasets: Sequence[str] | None = None, boxes: str = "config"
-                      ) -> list[DatasetProtocol]:
+                      datasets: Sequence[str] | None = None, boxes: str = "config", *,
+                      with_eval_datasets: bool = False) -> list[DatasetProtocol]:
   """The protocols of the selected datasets, in dataset-index order.
 
   Args:
@@ -116,6 +123,8 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     datasets: names to evaluate; None = every dataset that has validation annotations.
     boxes: "config" (each entry's `val_det`), "gt" (ground-truth boxes everywhere) or "det"
       (detections; every selected dataset must have `val_det`).
+    with_eval_datasets: also the entries of `data.eval_datasets` (posebh-eval), after the
+      model's datasets, each with its `predict_with` dataset's index and a slot of its own.
 
   Raises:
     EvalSelectionError: an unknown name, a selected dataset without validation annotations,
@@ -126,10 +135,12 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
   if boxes not in BOXES:
     raise EvalSelectionError(f"boxes={boxes!r}; expected one of {BOXES}")
   names = tuple(config.data.dataset_names)
+  extra = tuple(config.data.get("eval_datasets", ())) if with_eval_datasets else ()
   if datasets is not None:
-    unknown = [n for n in datasets if n not in names]
+    unknown = [n for n in datasets if n not in names + extra]
     if unknown:
-      raise EvalSelectionError(f"unknown dataset(s) {unknown}: the config has {list(names)}")
+      raise EvalSelectionError(f"unknown dataset(s) {unknown}: the config has "
+                               f"{list(names + extra)}")
   synthetic = bool(config.data.get("synthetic", {}).get("enabled", False))
   by_name = {f.name: f for f in files}
   out = []
@@ -155,6 +166,18 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     gt_mat = (experiment.join_root(config.data.root, entry.get("val_gt_mat", ""))
               if metric == "pckh" else "")
     out.append(DatasetProtocol(name, d, metric, kind, f.val_ann, det, gt_mat))
+  for j, name in enumerate(extra):
+    if datasets is not None and name not in datasets:
+      continue
+    entry = config.data.datasets[name]
+    d = names.index(entry.predict_with)  # Checked by config_checks.check_eval_datasets.
+    f = experiment.entry_files(config, name)
+    metric, kind = metric_for(entry, False)
+    det = "" if boxes == "gt" else entry.get("val_det", "")
+    if boxes == "det" and not det:
+      raise EvalSelectionError(f"--boxes=det: dataset {name!r} has no detection boxes "
+                               f"(data.datasets.{name}.val_det is empty)")
+    out.append(DatasetProtocol(name, d, metric, kind, f.val_ann, det, slot=len(names) + j))
   return out
 
 
@@ -168,14 +191,16 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
   never opened.
 
   Returns:
-    (records per dataset index, [] for unselected ones; the read reports of the selected ones).
+    (records per protocol slot (`DatasetProtocol.record_slot`: the dataset index, then the
+    `data.eval_datasets`), [] for unselected ones; the read reports of the selected ones).
     The records' `dataset_index` is their position among the selected datasets: the predictor
     takes the skeleton index explicitly and never reads it.
   """
   from posebh_jax import experiment  # experiment imports the model; keep this module light.
 
+  num_slots = max([layout.num_datasets] + [p.record_slot + 1 for p in protocols])
   if not protocols:
-    return [[] for _ in layout.skeletons], []
+    return [[] for _ in range(num_slots)], []
   sub = config.copy_and_resolve_references()
   with sub.unlocked():
     sub.data.dataset_names = tuple(p.name for p in protocols)
@@ -183,11 +208,12 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       sub.data.datasets[p.name].val_det = p.val_det
   sub_layout = SkeletonLayout(tuple(layout.skeletons[p.index] for p in protocols))
   by_name = {f.name: f for f in files}
-  recs, reports = experiment.load_records(sub, sub_layout, [by_name[p.name] for p in protocols],
-                                          "val")
-  records: list[Sequence[dict[str, Any]]] = [[] for _ in layout.skeletons]
+  sub_files = [by_name[p.name] if p.slot < 0 else experiment.entry_files(config, p.name)
+               for p in protocols]
+  recs, reports = experiment.load_records(sub, sub_layout, sub_files, "val")
+  records: list[Sequence[dict[str, Any]]] = [[] for _ in range(num_slots)]
   for p, r in zip(protocols, recs):
-    records[p.index] = r
+    records[p.record_slot] = r
   return records, reports
 
 
@@ -256,7 +282,7 @@ class BenchmarkEvaluator:
     """
     out, pairs = [], []
     for p in self.protocols:
-      records = self.val_records[p.index]
+      records = self.val_records[p.record_slot]
       if p.metric == "pck_box":
         continue
       if not len(records):
