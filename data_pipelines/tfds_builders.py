@@ -112,7 +112,7 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes."}
   BUILDER_CONFIGS = [KeypointsConfig(name=f, description=f"{f} keypoint instances", format=f,
                                      num_keypoints=REAL_SKELETONS[f].num_keypoints)
-                     for f in readers.FORMATS]
+                     for f in readers.FORMATS if f in REAL_SKELETONS]
   # No checksums file beside the code (nothing is downloaded). Also sidesteps TFDS's lookup of
   # it, which imports the optional `importlib_resources` for builders defined in a package.
   code_path = None

@@ -253,7 +253,7 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       reports.append(coco_reader.ReadReport(source=f"{f.name}: no {split} annotations"))
       continue
     jitter = (config.seed if split == "train" and config.data.get("center_jitter", False)
-              and fmt != "mpii" else None)
+              and fmt not in ("mpii", "interhand2d") else None)
     det = entry.get("val_det", "") if split == "val" else ""
     if tfds_dir and not is_generated(config, f.name, entry):  # Generated data: its files.
       tfds_split = "val_det" if det else split

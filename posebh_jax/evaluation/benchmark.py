@@ -9,6 +9,8 @@ the OKS sigmas:
                                                            (rescoring + OKS-NMS, COCOeval with
                                                            xtcocotools' rules; WholeBody parts)
   mpii                                          pckh       mpii_metrics.mpii_pckh
+  interhand2d                                   hand_pck   hand_metrics (PCK@0.2 of the box,
+                                                           AUC over 0-30 px, EPE in px)
   synthetic data (`data.synthetic.enabled`)     pck_box    evaluator.PCKEvaluator (box-normalised
                                                            PCK, also across skeletons)
 
@@ -42,9 +44,10 @@ from jax.sharding import Mesh
 
 from data_pipelines import coco_reader, pipeline
 from data_pipelines.skeletons import SkeletonLayout
-from posebh_jax.evaluation import coco_metrics, evaluator, mpii_metrics, predict
+from posebh_jax.evaluation import (coco_metrics, evaluator, hand_metrics, mpii_metrics,
+                                   predict)
 
-METRICS = ("coco_oks", "pckh", "pck_box")
+METRICS = ("coco_oks", "pckh", "pck_box", "hand_pck")
 BOXES = ("config", "gt", "det")
 _TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP .5"), ("AP75", "AP .75"), ("AR", "AR"))
 _WHOLEBODY_COLUMNS = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
@@ -96,6 +99,8 @@ def metric_for(entry: Mapping[str, Any], synthetic: bool) -> tuple[str, str]:
     return "pck_box", ""
   if fmt == "mpii":
     return "pckh", "mpii"
+  if fmt == "interhand2d":  # PCK@0.2 of the box, AUC over 0-30 px, EPE (hand_metrics).
+    return "hand_pck", "interhand2d"
   if fmt in coco_metrics.PROTOCOLS:
     return "coco_oks", fmt
   raise EvalSelectionError(f"dataset format {fmt!r} has no evaluation protocol (known: "
@@ -295,6 +300,9 @@ class BenchmarkEvaluator:
           os.makedirs(results_dir, exist_ok=True)
           path = os.path.join(results_dir, f"{p.name}_keypoints.json")
         out.append(score_coco(p, self.layout, preds, path))
+      elif p.metric == "hand_pck":
+        out.append(DatasetResult(p.name, "hand_pck", p.boxes, len(preds),
+                                 hand_metrics.score_records(records, preds)))
       else:
         out.append(score_mpii(p, preds, records))
     if self.pck is not None:
@@ -407,6 +415,13 @@ def format_table(results: EvalResults, thresholds: Sequence[float] = (0.05, 0.1)
     for r in wholebody:
       lines.append(f"{r.name:<16} " + " ".join(_fmt(r.values[f"{c}/AP"], 9)
                                                 for c in _WHOLEBODY_COLUMNS))
+  hands = [r for r in results.datasets if r.metric == "hand_pck"]
+  if hands:
+    head = f"{'hands':<16} {'boxes':<5} {'n':>5} {'PCK@0.2':>8} {'AUC':>7} {'EPE px':>7}"
+    lines += (["", head] if lines else [head]) + ["-" * len(head)]
+    for r in hands:
+      lines.append(f"{r.name:<16} {r.boxes:<5} {r.num_instances:>5} {_fmt(r.values['PCK'], 8)} "
+                   f"{_fmt(r.values['AUC'])} {r.values['EPE']:>7.2f}")
   if results.pairs:
     if lines:
       lines.append("")
