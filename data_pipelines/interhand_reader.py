@@ -126,7 +126,11 @@ def read_interhand2d(
     except KeyError:
       raise AnnotationError(f"{joint_path}: no joints for capture {capture}, frame {frame} "
                             f"(image id {image_id})") from None
-    valid = np.asarray(ann["joint_valid"], np.float32).reshape(-1)
+    try:
+      valid = np.asarray(ann["joint_valid"], np.float32).reshape(-1)
+    except (TypeError, ValueError):
+      raise AnnotationError(f"{data_path}: image id {image_id}: joint_valid is not 42 numbers "
+                            f"(or [number] lists)") from None
     if world.shape != (2 * JOINTS_PER_HAND, 3) or valid.shape != (2 * JOINTS_PER_HAND,):
       raise AnnotationError(f"{data_path}: image id {image_id}: expected 42 joints and 42 valid "
                             f"flags, got {world.shape} and {valid.shape}")
