@@ -21,10 +21,12 @@ and 15 of 30; interhand: lr 5e-4, epochs 35 and 55 of 60), no CSS (css_weight 0)
 (the reference clusters nothing for one dataset), flip test.
 
 Starting weights: the reference loads a PoseBH checkpoint whose prototypes were removed
-(`tools/remove_proto.py`) into this one-dataset model. Here `init.weights` must be converted
-weights that fit this model (one expert, one head); deriving them from the six-dataset PoseBH
-checkpoint is not implemented yet (see the README), so today `init.weights=""` trains from a
-random start.
+(`tools/remove_proto.py`) into this one-dataset model. Derive them from converted PoseBH-B
+weights (shared backbone, COCO's expert, the prototype head; no heads, no prototypes):
+
+  python -m posebh_jax.convert.transfer --source_config=configs/posebh.py:b \
+      --source=/ckpt/posebh_b_converted --config=configs/transfer.py:pw3d \
+      --out=/ckpt/posebh_b_transfer
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -167,3 +168,49 @@ def test_transfer_configs(tmp_path):
   assert pw.schedule.freeze_hooks.backbone == ("freeze,0", f"thaw,{15 * spe}",
                                                f"freeze,{16 * spe}")
   assert pw.schedule.proto_freeze_step == 15 * spe
+
+
+def _one_dataset_tiny_reference(tmp_path):
+  """The tiny reference model's sizes with one new dataset: 3DPW's 24 joints."""
+  from configs import common, posebh
+  cfg = posebh.get_config("tiny_reference")
+  cfg.data.dataset_names = ("pw3d",)
+  cfg.data.datasets = ml_collections.ConfigDict()
+  cfg.data.datasets.pw3d = common.dataset_entry(
+      skeleton="pw3d", format="coco", train_ann=_pw3d_file(tmp_path), val_ann="",
+      image_dir=str(tmp_path))
+  cfg.data.eval_datasets = ()
+  return cfg
+
+
+def test_transfer_weights_keep_backbone_expert_and_embedding_not_heads_or_prototypes(
+    tiny_weights, tmp_path):
+  from flax import traverse_util
+  from configs import posebh
+  from posebh_jax.convert import transfer, weights as weights_lib
+  source_cfg = posebh.get_config("tiny_reference")
+  target_cfg = _one_dataset_tiny_reference(tmp_path)
+  out = str(tmp_path / "transfer")
+  meta = transfer.derive_transfer_weights(source_cfg, tiny_weights, target_cfg, out, expert=2)
+  assert meta["transfer"]["expert"] == 2
+  layout = experiment.build_layout(target_cfg)
+  model = experiment.build_model(target_cfg, layout)
+  got, _ = weights_lib.load_weights(out, model, num_prototype_keypoints=24)  # Fits the model.
+  assert got.prototypes is None and got.cluster_prototypes is None  # Fresh in training.
+  src_model = experiment.build_model(source_cfg, experiment.build_layout(source_cfg))
+  src, _ = weights_lib.load_weights(tiny_weights, src_model, num_prototype_keypoints=214)
+  g = traverse_util.flatten_dict(got.params, sep="/")
+  s = traverse_util.flatten_dict(src.params, sep="/")
+  experts = [k for k in g if k.endswith("experts_kernel")]
+  assert experts
+  for k in experts:
+    np.testing.assert_array_equal(g[k][0], s[k][2])  # The chosen expert's slice.
+  shared = [k for k in g if k.startswith("backbone") and "experts" not in k]
+  proto = [k for k in g if k.startswith("proto_head")]
+  assert shared and proto
+  for k in shared + proto:
+    np.testing.assert_array_equal(g[k], s[k])
+  head = [k for k in g if k.startswith("heads_0") and k.endswith("final_layer/kernel")]
+  assert g[head[0]].shape[-1] == 24 and s[head[0]].shape[-1] == 17  # New head for 24 joints.
+  with pytest.raises(ValueError, match="expected one"):
+    transfer.derive_transfer_weights(source_cfg, tiny_weights, source_cfg, str(tmp_path / "x"))
