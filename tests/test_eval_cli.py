@@ -120,7 +120,7 @@ def test_table_and_json_for_all_five_sample_sets(full_run):
   for part in ("body", "foot", "face", "lefthand", "righthand", "wholebody"):
     assert f"{part}/AP" in metrics["per_dataset"]["coco_wholebody"]
   # The result files mmpose would write, per COCO-style dataset.
-  assert sorted(os.listdir(os.path.join(workdir, "eval", "results_0"))) == sorted(
+  assert sorted(os.listdir(os.path.join(workdir, "eval_cli", "all", "results_0"))) == sorted(
       f"{n}_keypoints.json" for n in SAMPLE_SETS + EVAL_ONLY_SETS if n != "mpii")
 
 
