@@ -13,9 +13,9 @@ config's `data.tfds_dir`; train with the same `data.tfds_dir`. Builds are keyed 
 count (`experiment.tfds_builds`), so a new skeleton, or a second dataset of one format, gets its
 own build; an unknown format, and a dataset named like a reference format ("coco", ...) with
 another format or keypoint count, are refused naming the dataset. An evaluation-only entry (no
-train_ann) builds its validation splits only; generated synthetic datasets in the config are
-skipped (the run generates and reads them). An already built dataset is reused (checked to
-have the splits, crop size and padding asked for).
+train_ann) and each `data.eval_datasets` entry (OCHuman) build their validation splits only;
+generated synthetic datasets in the config are skipped (the run generates and reads them). An
+already built dataset is reused (checked to have the splits, crop size and padding asked for).
 
 One dataset from explicit files:
 
@@ -178,6 +178,21 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
       raise ValueError(f"data.datasets.{f.name}: no train_ann or val_ann to build")
     builds.append(DatasetBuild(f.name, tb.format, f.image_dir or f.split_image_dir("val"),
                                splits, tb.num_keypoints))
+  # Evaluation-only entries predicted through another dataset's head (OCHuman): their val
+  # splits, under their own names, so posebh-eval can read them from the same tfds_dir.
+  for name in config.data.get("eval_datasets", ()):
+    entry = config.data.datasets[name]
+    f = experiment.entry_files(config, name)
+    fmt = experiment.dataset_format(name, entry)
+    if not f.val_ann:
+      raise ValueError(f"data.datasets.{name}: an evaluation dataset needs val_ann")
+    val_dir = f.split_image_dir("val")
+    splits = {"val": tfds_builders.SplitFiles(f.val_ann, image_dir=val_dir)}
+    if entry.get("val_det", ""):
+      splits["val_det"] = tfds_builders.SplitFiles(
+          f.val_ann, experiment.join_root(config.data.root, entry.val_det), image_dir=val_dir)
+    builds.append(DatasetBuild(name, fmt, val_dir, splits,
+                               experiment.entry_skeleton(name, entry).num_keypoints))
   return builds
 
 

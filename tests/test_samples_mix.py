@@ -81,7 +81,11 @@ def test_real_config_builds_follow_the_readme_layout():
   cfg = posebh.get_config("b")
   cfg.data.root = "/data"
   builds = {b.name: b for b in build_tfds.config_builds(cfg)}  # Plans only: opens no file.
-  assert list(builds) == ["coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody"]
+  assert list(builds) == ["coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody", "ochuman"]
+  # OCHuman (evaluation only, through COCO's head): its own build, validation split only.
+  assert set(builds["ochuman"].splits) == {"val"} and builds["ochuman"].num_keypoints == 17
+  assert builds["ochuman"].splits["val"].ann == (
+      "/data/ochuman/annotations/ochuman_coco_format_val_range_0.00_1.00.json")
   for name in ("coco", "coco_wholebody"):
     b = builds[name]
     assert set(b.splits) == {"train", "val", "val_det"} and b.image_dir == "/data/coco/train2017"
