@@ -6,14 +6,21 @@ Tuples, not lists, so that every field can be overridden on the command line.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import ml_collections
 
 
-def dataset_entry(*, skeleton: str, train_ann: str, val_ann: str, image_dir: str,
+def dataset_entry(*, skeleton: str | Mapping[str, Any], train_ann: str, val_ann: str, image_dir: str,
                   weight: float = 1.0, encoding: str = "msra", format: str = "coco",
-                  half_body: bool = True, val_det: str = "", val_image_dir: str = ""
-                  ) -> ml_collections.ConfigDict:
-  """One training dataset: which skeleton it annotates, its files, mixing weight, target encoding.
+                  half_body: bool = True, val_det: str = "", val_image_dir: str = "",
+                  predict_with: str = "") -> ml_collections.ConfigDict:
+  """One dataset: which skeleton it annotates, its files, mixing weight, target encoding.
+
+  `skeleton` is a known name ("coco", ...), a mapping of `SkeletonInfo.from_dict` keys (names,
+  flip pairs, sigmas, upper body, limbs, colours; see README "Add a dataset") or the path (local
+  or gs://) of a JSON file holding one. `train_ann` "" makes the dataset evaluation-only: its
+  head is evaluated on `val_ann` but never trained.
 
   `encoding` is "udp" (UDP affine + UDP target, spec §4.4) or "msra" (standard affine + MSRA).
   `format` is the annotation format (`data_pipelines.readers.FORMATS`: "coco", "aic", "mpii",
@@ -21,11 +28,13 @@ def dataset_entry(*, skeleton: str, train_ann: str, val_ann: str, image_dir: str
   from `data.tfds_dir`. `half_body`: whether the half-body transform runs for this dataset
   (MPII: off, spec §4.1). `val_det`: detection boxes for evaluation (COCO formats; "" = ground
   truth boxes). `val_image_dir`: where the validation images are ("" = `image_dir`).
+  `predict_with`: for an entry of `data.eval_datasets`, the dataset (of `data.dataset_names`)
+  whose expert and head predict it ("" = its own).
   """
   return ml_collections.ConfigDict(dict(
       skeleton=skeleton, train_ann=train_ann, val_ann=val_ann, image_dir=image_dir,
       weight=weight, encoding=encoding, format=format, half_body=half_body, val_det=val_det,
-      val_image_dir=val_image_dir))
+      val_image_dir=val_image_dir, predict_with=predict_with))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.center_jitter = False
   c.data.dataset_names = ()
   c.data.datasets = ml_collections.ConfigDict()
+  # Evaluation-only entries of `data.datasets` that the model predicts with another dataset's
+  # expert and head (their entry's `predict_with`, a name in `dataset_names`; e.g. OCHuman
+  # through COCO's). Scored by posebh-eval, not by training's own evaluation.
+  c.data.eval_datasets = ()
   c.data.image_size = (256, 192)  # (H, W).
   c.data.heatmap_size = (64, 48)  # (H, W).
   c.data.sigma = 2.0

@@ -22,7 +22,12 @@ Arguments (`get_config(arg)`):
   tiny                  PoseBH with a test-sized backbone and heads (seconds per step on CPU).
 
 Datasets are in dataset-index order: COCO, AIC, MPII, AP-10K, APT-36K, COCO-WholeBody; the
-annotation and image paths are relative to `data.root` (spec §4.1). Evaluation follows spec
+annotation and image paths are relative to `data.root` (spec §4.1). OCHuman is an evaluation-only
+entry (`data.eval_datasets`) predicted with COCO's expert and head:
+
+  posebh-eval --config=configs/posebh.py:b --weights=/ckpt/posebh_b_converted \
+      --workdir=/tmp/eval --config.data.root=/data --datasets=ochuman
+ Evaluation follows spec
 §5.1: flip test, COCO and COCO-WholeBody on the AP_H_56 person detections, MPII PCKh against
 `mpii_gt_val.mat`, the others on ground-truth boxes.
 """
@@ -51,6 +56,14 @@ _DATASETS = (
      "coco/annotations/coco_wholebody_val_v1.0.json", "coco/train2017", "msra"),
 )
 
+# OCHuman (evaluation only, spec §5.1; the paper's Table: PoseBH-B 83.1 / -H 87.0 AP on test):
+# COCO's 17 keypoints and sigmas on ground-truth boxes, predicted with COCO's expert and head
+# as the reference's configs/body/.../ochuman/ configs do. The val file is the default; the
+# paper's numbers are on the test file:
+#   --config.data.datasets.ochuman.val_ann=ochuman/annotations/ochuman_coco_format_test_range_0.00_1.00.json
+_OCHUMAN_VAL = "ochuman/annotations/ochuman_coco_format_val_range_0.00_1.00.json"
+_OCHUMAN_IMAGES = "ochuman/images"
+
 # Spec §5.1: the person detections COCO and COCO-WholeBody are evaluated on, and MPII's official
 # ground truth (head boxes) for PCKh.
 _PERSON_DETECTIONS = "coco/person_detection_results/COCO_val2017_detections_AP_H_56_person.json"
@@ -68,6 +81,7 @@ _SAMPLE_FILES = {
     "ap10k": ("ap10k/test_ap10k.json", ""),
     "apt36k": ("", ""),
     "coco_wholebody": ("coco/test_coco_wholebody.json", "coco/test_coco_det_AP_H_56.json"),
+    "ochuman": ("ochuman/test_ochuman.json", ""),
 }
 
 # COCO's validation images have their own directory; the other datasets keep one (AIC: put the
@@ -88,6 +102,10 @@ def _real_data(config: ml_collections.ConfigDict) -> None:
         encoding=encoding, format=skeleton, half_body=name != "mpii",
         val_det=_PERSON_DETECTIONS if name in ("coco", "coco_wholebody") else "",
         val_image_dir=_VAL_IMAGE_DIRS.get(name, ""))
+  config.data.datasets.ochuman = common.dataset_entry(
+      skeleton="coco", train_ann="", val_ann=_OCHUMAN_VAL, image_dir=_OCHUMAN_IMAGES,
+      encoding="udp", format="coco", predict_with="coco")
+  config.data.eval_datasets = ("ochuman",)
   # Read by posebh_jax/evaluation/benchmark.py ("" = head sizes approximated from the JSON).
   config.data.datasets.mpii.val_gt_mat = _MPII_GT_MAT
   config.data.center_jitter = True  # Spec §4.3 step 4.

@@ -286,7 +286,8 @@ def mixed_records(
       wrapper); never copied.
     weights: per dataset, the mixing weight (grain normalises them and interleaves
       deterministically in these proportions); None = proportional to the source sizes, the
-      reference's uniform sampling over the concatenated datasets (spec §4.1).
+      reference's uniform sampling over the concatenated datasets (spec §4.1). A dataset with
+      weight 0 and no records (an evaluation-only entry) is left out of the mix.
     seed: base seed; source d is shuffled with `seed + 1000·(d + 1)`.
     process_index, process_count: this host's share of every source.
 
@@ -297,16 +298,21 @@ def mixed_records(
     weights = [len(s) for s in sources]
   if len(sources) != len(weights):
     raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
-  parts = []
+  parts, kept_weights = [], []
   for d, records in enumerate(sources):
     source = grain.MapDataset.source(records)
+    if weights[d] == 0 and len(source) == 0:
+      continue  # Evaluation only: its head is evaluated, not trained.
     if len(source) == 0:
       raise ValueError(f"dataset {d} has no records")
     if weights[d] <= 0:
       raise ValueError(f"dataset {d}: mixing weight {weights[d]} must be positive")
     parts.append(host_shard(source, seed=seed + 1000 * (d + 1), process_index=process_index,
                             process_count=process_count))
-  return grain.MapDataset.mix(parts, list(weights))
+    kept_weights.append(weights[d])
+  if not parts:
+    raise ValueError("no dataset has training records")
+  return grain.MapDataset.mix(parts, kept_weights)
 
 
 def mixed_train_dataset(

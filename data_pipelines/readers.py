@@ -2,7 +2,8 @@
 
 Formats (a dataset's `format`, spec §4.1): "coco", "aic", "ap10k", "apt36k" (COCO-format
 files, `coco_reader.COCO` rules), "coco_wholebody" (`coco_reader.WHOLEBODY`: 133 keypoints,
-body-only all-zero check, v > 0), "mpii" (MPII's json list, `mpii_reader`). Synthetic data is
+body-only all-zero check, v > 0), "mpii" (MPII's json list, `mpii_reader`), "interhand2d"
+(InterHand2.6M's data/camera/joint-3D triple named by its `_data.json`, `interhand_reader`). Synthetic data is
 COCO-format ("coco"). With `det_path`, a COCO-format dataset is read as detection boxes for
 evaluation (`detections`; spec §5.1 uses them for COCO and COCO-WholeBody) with `ann_path` as the
 ground truth that names the images.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from data_pipelines import coco_reader, detections, mpii_reader
+from data_pipelines import coco_reader, detections, interhand_reader, mpii_reader
 from data_pipelines.coco_reader import ReadReport
 from data_pipelines.skeletons import SkeletonInfo
 
@@ -24,7 +25,7 @@ COCO_FORMATS: dict[str, coco_reader.CocoVariant] = {
     "apt36k": coco_reader.COCO,
     "coco_wholebody": coco_reader.WHOLEBODY,
 }
-FORMATS: tuple[str, ...] = tuple(COCO_FORMATS) + ("mpii",)
+FORMATS: tuple[str, ...] = tuple(COCO_FORMATS) + ("mpii", "interhand2d")
 
 
 class UnknownFormatError(ValueError):
@@ -84,6 +85,12 @@ def read_dataset(
     if det_path is not None or center_jitter_seed is not None:
       raise ValueError("mpii: no detection boxes and no centre jitter (spec §4.3)")
     return mpii_reader.read_mpii(ann_path, image_dir, skeleton, dataset_index, **images)
+  if format == "interhand2d":
+    if det_path is not None or center_jitter_seed is not None:
+      raise ValueError("interhand2d: no detection boxes and no centre jitter (boxes come from "
+                       "the projected joints)")
+    return interhand_reader.read_interhand2d(ann_path, image_dir, skeleton, dataset_index,
+                                             image_size_hw=image_size_hw, **images)
   if det_path is not None:
     if center_jitter_seed is not None:
       raise ValueError(f"{format}: detection boxes are for evaluation; they are never jittered")

@@ -19,10 +19,13 @@ keypoints in COCO order, `synth_aic` AI Challenger's 14 (with head top and neck)
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 Color = tuple[int, int, int]
 
@@ -618,13 +621,82 @@ COCO_WHOLEBODY = SkeletonInfo(
     limb_colors=_WB_LIMB_COLORS,
 )
 
+# --- Transfer skeletons (the paper's "beyond" datasets) ------------------------------------------
+
+# InterHand2.6M, one hand (the reference's configs/_base_/datasets/interhand2d_info.py): per
+# finger tip (4) to base (1), then the wrist; no swap partners (one hand per crop, flip-free).
+_IH_FINGERS = ("thumb", "forefinger", "middle_finger", "ring_finger", "pinky_finger")
+_IH_NAMES = tuple(f"{f}{j}" for f in _IH_FINGERS for j in (4, 3, 2, 1)) + ("wrist",)
+# The reference lists no sigmas (InterHand is scored by PCK/AUC/EPE, never OKS). SkeletonInfo
+# needs positive ones: COCO-WholeBody's hand sigmas (wrist, then each finger base to tip),
+# reordered to this keypoint order; they are only used if someone asks for OKS on hands.
+_IH_SIGMAS = tuple(_WB_HAND_SIGMAS[1 + 4 * f + (j - 1)] for f in range(5) for j in (4, 3, 2, 1)
+                   ) + (_WB_HAND_SIGMAS[0],)
+INTERHAND2D = SkeletonInfo(
+    name="interhand2d",
+    keypoint_names=_IH_NAMES,
+    swap=("",) * 21,
+    sigmas=_IH_SIGMAS,
+    upper_body=(True,) * 21,
+    body_type="hand",
+    limbs=_limbs(_IH_NAMES, [p for f in _IH_FINGERS for p in (
+        ("wrist", f"{f}1"), (f"{f}1", f"{f}2"), (f"{f}2", f"{f}3"), (f"{f}3", f"{f}4"))]),
+    joint_weights=(1.0,) * 21,
+    keypoint_colors=tuple(_WB_FINGER_COLORS[f] for f in _IH_FINGERS for _ in range(4)) +
+    ((255, 255, 255),),
+    limb_colors=tuple(_WB_FINGER_COLORS[f] for f in _IH_FINGERS for _ in range(4)),
+)
+
+# 3DPW's 24 SMPL joints (the reference's configs/_base_/datasets/pw3d_info.py).
+_PW3D_NAMES = (
+    "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2",
+    "left_ankle", "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar",
+    "right_collar", "jaw", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist", "left_thumb", "right_thumb")
+_PW3D_LOWER = {"pelvis", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+               "right_ankle", "left_foot", "right_foot"}
+_PW3D_LINKS = (
+    ("left_ankle", "left_knee"), ("left_knee", "left_hip"), ("right_ankle", "right_knee"),
+    ("right_knee", "right_hip"), ("left_hip", "pelvis"), ("right_hip", "pelvis"),
+    ("pelvis", "spine1"), ("spine1", "spine2"), ("spine2", "spine3"), ("spine3", "neck"),
+    ("neck", "jaw"), ("neck", "left_shoulder"), ("neck", "right_shoulder"),
+    ("left_shoulder", "left_elbow"), ("right_shoulder", "right_elbow"),
+    ("left_elbow", "left_wrist"), ("right_elbow", "right_wrist"), ("left_wrist", "left_thumb"),
+    ("right_wrist", "right_thumb"), ("left_ankle", "left_foot"), ("right_ankle", "right_foot"),
+    ("left_shoulder", "left_collar"), ("right_shoulder", "right_collar"))
+
+
+def _pw3d_color(name: str) -> Color:
+  return _GREEN if name.startswith("left") else _ORANGE if name.startswith("right") else _BLUE
+
+
+PW3D = SkeletonInfo(
+    name="pw3d",
+    keypoint_names=_PW3D_NAMES,
+    swap=_lr_swap(_PW3D_NAMES),
+    sigmas=(0.107, 0.107, 0.107, 0.107, 0.087, 0.087, 0.107, 0.089, 0.089, 0.107, 0.089, 0.089,
+            0.079, 0.079, 0.079, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.062, 0.062),
+    upper_body=tuple(n not in _PW3D_LOWER for n in _PW3D_NAMES),
+    body_type="biped",
+    limbs=_limbs(_PW3D_NAMES, _PW3D_LINKS),
+    joint_weights=(1.0, 1.0, 1.0, 1.0, 1.2, 1.2, 1.0, 1.5, 1.5, 1.0, 1.5, 1.5, 1.0, 1.0, 1.0,
+                   1.0, 1.0, 1.0, 1.2, 1.2, 1.5, 1.5, 1.5, 1.5),
+    keypoint_colors=tuple(_pw3d_color(n) for n in _PW3D_NAMES),
+    limb_colors=tuple(_GREEN if a.startswith("left") else _ORANGE if a.startswith("right")
+                      else _BLUE for a, _ in _PW3D_LINKS),
+)
+
+# Skeletons of the paper's transfer experiments (new datasets with their own heads).
+TRANSFER_SKELETONS: dict[str, SkeletonInfo] = {s.name: s for s in (INTERHAND2D, PW3D)}
+
 # The reference's six training skeletons, in dataset_idx order (spec §1).
 REAL_SKELETONS: dict[str, SkeletonInfo] = {
     s.name: s for s in (COCO, AIC, MPII, AP10K, APT36K, COCO_WHOLEBODY)
 }
 
 # Every skeleton this package knows by name.
-SKELETONS: dict[str, SkeletonInfo] = {**SYNTHETIC_SKELETONS, **REAL_SKELETONS}
+SKELETONS: dict[str, SkeletonInfo] = {**SYNTHETIC_SKELETONS, **REAL_SKELETONS,
+                                      **TRANSFER_SKELETONS}
 
 
 def get_skeleton(name: str) -> SkeletonInfo:
@@ -633,6 +705,80 @@ def get_skeleton(name: str) -> SkeletonInfo:
     return SKELETONS[name]
   except KeyError:
     raise KeyError(f"unknown skeleton {name!r}; known: {sorted(SKELETONS)}") from None
+
+
+SkeletonSpec = Union[str, Mapping[str, Any], SkeletonInfo]
+
+
+def resolve_skeleton(spec: SkeletonSpec, *, default_name: str | None = None) -> SkeletonInfo:
+  """A dataset entry's `skeleton` field → its `SkeletonInfo`.
+
+  The one resolver behind every use of a config's skeleton (layout, config checks, TFDS builds,
+  evaluation, inference), so a new skeleton is declared once, in the config, and no package
+  table needs editing.
+
+  Args:
+    spec: one of
+      * a known name (`SKELETONS`: "coco", "synth_aic", ...);
+      * a mapping (dict or `ml_collections.ConfigDict`) of `SkeletonInfo.from_dict` keys;
+      * a path, local or gs:// (read with `etils.epath`), to a JSON file holding such a mapping;
+        a string is taken as a path when it ends in ".json" or contains "/";
+      * a `SkeletonInfo` (returned as is).
+    default_name: the skeleton's name when a mapping or file gives none (the dataset's name).
+
+  Raises:
+    ValueError: an unknown name, an unreadable file, or fields `from_dict` rejects; the message
+      names the skeleton (and the file).
+  """
+  if isinstance(spec, SkeletonInfo):
+    return spec
+  if isinstance(spec, str):
+    if spec in SKELETONS:
+      return SKELETONS[spec]
+    if not (spec.endswith(".json") or "/" in spec):
+      raise ValueError(f"unknown skeleton {spec!r}: not a known name ({sorted(SKELETONS)}), "
+                       f"a mapping of SkeletonInfo.from_dict keys, or a .json file")
+    return _skeleton_file(spec, default_name)
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict.
+    spec = spec.to_dict()
+  if not isinstance(spec, Mapping):
+    raise ValueError(f"skeleton must be a name, a mapping or a .json path, not "
+                     f"{type(spec).__name__}")
+  return _from_mapping(spec, default_name)
+
+
+def _from_mapping(d: Mapping[str, Any], default_name: str | None) -> SkeletonInfo:
+  d = dict(d)
+  if "name" not in d and default_name is not None:
+    d["name"] = default_name
+  return SkeletonInfo.from_dict(d)
+
+
+@functools.lru_cache(maxsize=64)
+def _skeleton_file(path: str, default_name: str | None) -> SkeletonInfo:
+  """A JSON skeleton file (cached: every call site resolves the same entry)."""
+  try:
+    d = json.loads(epath.Path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"skeleton file {path}: cannot read it as JSON ({e})") from None
+  if not isinstance(d, Mapping):
+    raise ValueError(f"skeleton file {path}: expected a JSON object of SkeletonInfo.from_dict "
+                     f"keys, got {type(d).__name__}")
+  try:
+    return _from_mapping(d, default_name)
+  except ValueError as e:
+    raise ValueError(f"skeleton file {path}: {e}") from None
+
+
+def skeleton_to_dict(skeleton: SkeletonInfo) -> dict[str, Any]:
+  """A JSON-serialisable mapping that `SkeletonInfo.from_dict` turns back into `skeleton`."""
+  return dict(
+      name=skeleton.name, keypoint_names=list(skeleton.keypoint_names), swap=list(skeleton.swap),
+      sigmas=list(skeleton.sigmas), upper_body=list(skeleton.upper_body),
+      body_type=skeleton.body_type, limbs=[list(l) for l in skeleton.limbs],
+      joint_weights=list(skeleton.joint_weights),
+      keypoint_colors=[list(c) for c in skeleton.keypoint_colors],
+      limb_colors=[list(c) for c in skeleton.limb_colors])
 
 
 def keypoint_offsets(num_keypoints: Sequence[int]) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
 """TFDS builders writing ArrayRecord, read back without TensorFlow as the readers' record dicts.
 
 One parametrised builder, `PosebhKeypoints`, with a BuilderConfig per annotation format ("coco",
-"aic", "mpii", "ap10k", "apt36k", "coco_wholebody"). It reads the annotations with
+"aic", "mpii", "ap10k", "apt36k", "coco_wholebody") and, for any other dataset (a new skeleton,
+or a second dataset of one format such as OCHuman), a `KeypointsConfig` named after the dataset
+that carries its format and keypoint count (`builder_config`). It reads the annotations with
 `readers.read_dataset` (so the same rules, skips and `ReadReport`s apply), reads each image's
 file bytes from the given image directory (local or gs://, through `etils.epath`) and writes one
 ArrayRecord example per INSTANCE with `download_and_prepare()`. Reading uses
@@ -33,6 +35,7 @@ centre/scale were computed with (checked on reading).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,12 +45,51 @@ import tensorflow_datasets as tfds
 from data_pipelines import readers
 from data_pipelines.coco_reader import ReadReport, jitter_center
 from data_pipelines.image_files import read_bytes
-from data_pipelines.skeletons import REAL_SKELETONS
+from data_pipelines.skeletons import REAL_SKELETONS, SkeletonInfo
 
 # The reference's dataset_idx of each format (spec §4.1); records carry it until a reader
 # overrides it with the experiment's own order.
 REFERENCE_DATASET_INDEX: dict[str, int] = {
     "coco": 0, "aic": 1, "mpii": 2, "ap10k": 3, "apt36k": 4, "coco_wholebody": 5}
+
+
+@dataclasses.dataclass(eq=False)
+class KeypointsConfig(tfds.core.BuilderConfig):
+  """A build: its name (the dataset's), annotation format and keypoints per instance."""
+
+  format: str = "coco"
+  num_keypoints: int = 17
+
+
+def builder_config(name: str, format: str | None = None, num_keypoints: int | None = None
+                   ) -> "KeypointsConfig":
+  """The BuilderConfig of the build `name`.
+
+  A reference format's name ("coco", ...) is its standard config (format and keypoint count
+  fixed, any given ones must agree); any other name needs `format` (default "coco") and
+  `num_keypoints`.
+
+  Raises:
+    ValueError: a reference format's name with another format or count, a name TFDS cannot use,
+      or a new build without `num_keypoints`.
+  """
+  if name in _STANDARD:
+    std = _STANDARD[name]
+    if (format or std.format) != std.format or (num_keypoints or std.num_keypoints) != \
+        std.num_keypoints:
+      raise ValueError(f"build {name!r} is the reference {name!r} format with "
+                       f"{std.num_keypoints} keypoints (asked: format {format!r}, "
+                       f"{num_keypoints} keypoints); give the dataset another name")
+    return std
+  if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+    raise ValueError(f"dataset name {name!r} cannot name a TFDS build (letters, digits, '_', "
+                     f"'.', '-')")
+  readers.check_format(format or "coco")
+  if num_keypoints is None or int(num_keypoints) <= 0:
+    raise ValueError(f"build {name!r}: give its number of keypoints (a new skeleton's)")
+  return KeypointsConfig(name=name, description=f"{name} keypoint instances ({format or 'coco'} "
+                         f"format, {int(num_keypoints)} keypoints)", format=format or "coco",
+                         num_keypoints=int(num_keypoints))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +102,17 @@ class SplitFiles:
   image_dir: str | None = None
 
 
+_STANDARD: dict[str, KeypointsConfig] = {}  # Filled below from PosebhKeypoints.BUILDER_CONFIGS.
+
+
 class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
   """Top-down pose instances of one real dataset (config = annotation format)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes."}
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f, description=f"{f} keypoint instances")
-                     for f in readers.FORMATS]
+  BUILDER_CONFIGS = [KeypointsConfig(name=f, description=f"{f} keypoint instances", format=f,
+                                     num_keypoints=REAL_SKELETONS[f].num_keypoints)
+                     for f in readers.FORMATS if f in REAL_SKELETONS]
   # No checksums file beside the code (nothing is downloaded). Also sidesteps TFDS's lookup of
   # it, which imports the optional `importlib_resources` for builders defined in a package.
   code_path = None
@@ -98,10 +144,10 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
 
   @property
   def format(self) -> str:
-    return self.builder_config.name
+    return self.builder_config.format
 
   def _info(self) -> tfds.core.DatasetInfo:
-    k = REAL_SKELETONS[self.builder_config.name].num_keypoints
+    k = self.builder_config.num_keypoints
     scalar = tfds.features.Scalar
     return tfds.core.DatasetInfo(
         builder=self,
@@ -130,16 +176,23 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
     if not self._splits or self._image_dir is None:
       raise ValueError(f"{self.name}/{self.format}: building needs splits=... and image_dir=...")
     fmt = self.format
-    skeleton = REAL_SKELETONS[fmt]
+    # The readers only check the keypoint count against it; names and sigmas are not stored.
+    skeleton = REAL_SKELETONS.get(fmt)
+    if skeleton is None or skeleton.num_keypoints != self.builder_config.num_keypoints:
+      k = self.builder_config.num_keypoints
+      skeleton = SkeletonInfo(name=self.builder_config.name,
+                              keypoint_names=tuple(f"kp{i}" for i in range(k)), swap=("",) * k,
+                              sigmas=(0.1,) * k, upper_body=(True,) * k)
     generators = {}
     for split, files in self._splits.items():
       records, report = readers.read_dataset(
           fmt, files.ann, files.image_dir or self._image_dir, skeleton,
-          REFERENCE_DATASET_INDEX[fmt], image_size_hw=self._image_size_hw, padding=self._padding,
+          REFERENCE_DATASET_INDEX.get(self.builder_config.name, -1), image_size_hw=self._image_size_hw, padding=self._padding,
           det_path=files.det, det_bbox_thr=self._det_bbox_thr, check_images=True,
           decode_images=self._decode_images)
       if not records:
-        raise ValueError(f"{fmt} split {split!r}: no usable instances ({report})")
+        raise ValueError(f"{self.builder_config.name} split {split!r}: no usable instances "
+                         f"({report})")
       self.reports[split] = report
       generators[split] = self._generate_examples(records)
     self.info.metadata.update(
@@ -159,21 +212,32 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
                                "bbox_score", "bbox", "center", "scale", "keypoints")}}
 
 
-def build(format: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir: str, *,
+_STANDARD.update({c.name: c for c in PosebhKeypoints.BUILDER_CONFIGS})
+
+
+def _config_arg(name: str, format: str | None, num_keypoints: int | None
+                ) -> str | KeypointsConfig:
+  # TFDS refuses a config object named like one of BUILDER_CONFIGS: standard builds by name.
+  config = builder_config(name, format, num_keypoints)
+  return config.name if config.name in _STANDARD else config
+
+
+def build(name: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir: str, *,
           image_size_hw: Sequence[int] = (256, 192), padding: float = 1.25,
-          det_bbox_thr: float = 0.0, decode_images: bool = False
-          ) -> tuple[PosebhKeypoints, dict[str, ReadReport]]:
+          det_bbox_thr: float = 0.0, decode_images: bool = False, format: str | None = None,
+          num_keypoints: int | None = None) -> tuple[PosebhKeypoints, dict[str, ReadReport]]:
   """Builds one dataset's splits into `data_dir` (ArrayRecord); returns the builder and reports.
 
-  If that dataset version is already under `data_dir`, TFDS reuses it and the reports are
-  those stored at its build (from the metadata).
+  `name` is a reference format ("coco", ...) or a dataset name with its `format` and
+  `num_keypoints` (`builder_config`). If that dataset version is already under `data_dir`,
+  TFDS reuses it and the reports are those stored at its build (from the metadata).
 
   Raises:
     ValueError: an existing build lacks one of `splits` or was built with another
-      `image_size_hw` / `padding` (delete it to rebuild).
+      `image_size_hw` / `padding` (delete it to rebuild); a bad name / format / count.
   """
-  readers.check_format(format)
-  builder = PosebhKeypoints(data_dir=data_dir, config=format, splits=splits, image_dir=image_dir,
+  builder = PosebhKeypoints(data_dir=data_dir, config=_config_arg(name, format, num_keypoints),
+                            splits=splits, image_dir=image_dir,
                             image_size_hw=image_size_hw, padding=padding,
                             det_bbox_thr=det_bbox_thr, decode_images=decode_images)
   builder.download_and_prepare()
@@ -200,14 +264,15 @@ def stored_reports(builder: tfds.core.DatasetBuilder) -> dict[str, ReadReport]:
   return out
 
 
-def open_builder(data_dir: str, format: str) -> PosebhKeypoints:
-  """The built dataset of `format` under `data_dir`, for reading."""
-  readers.check_format(format)
-  builder = PosebhKeypoints(data_dir=data_dir, config=format)
+def open_builder(data_dir: str, name: str, *, format: str | None = None,
+                 num_keypoints: int | None = None) -> PosebhKeypoints:
+  """The built dataset `name` under `data_dir`, for reading (`builder_config` arguments)."""
+  builder = PosebhKeypoints(data_dir=data_dir,
+                            config=_config_arg(name, format, num_keypoints))
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"no built {format!r} dataset under {data_dir} (expected {builder.data_dir}); build it "
-        f"with: python -m data_pipelines.build_tfds --dataset={format} --ann=... --images=... "
+        f"no built {name!r} dataset under {data_dir} (expected {builder.data_dir}); build it "
+        f"with: python -m data_pipelines.build_tfds --dataset={name} --ann=... --images=... "
         f"--data_dir={data_dir}")
   return builder
 
@@ -220,19 +285,22 @@ class TfdsRecords(Sequence):
   `image_path` is where the bytes were read from at build time (messages; not opened).
   """
 
-  def __init__(self, data_dir: str, format: str, split: str, *,
+  def __init__(self, data_dir: str, name: str, split: str, *,
                dataset_index: int | None = None, center_jitter_seed: int | None = None,
                center_jitter_prob: float = 0.3, image_size_hw: Sequence[int] | None = None,
-               padding: float | None = None):
+               padding: float | None = None, format: str | None = None,
+               num_keypoints: int | None = None):
     """Args:
-      data_dir, format, split: which built split.
+      data_dir, name, split: which built split (`name`: a reference format or a dataset name).
+      format, num_keypoints: a non-reference build's (`builder_config`).
       dataset_index: the experiment's index of this dataset (default: the stored reference one).
       center_jitter_seed: the run's seed for the training centre jitter (None: none); not for
         MPII or detection splits.
       center_jitter_prob: its probability.
       image_size_hw, padding: if given, must equal what the centre/scale were built with.
     """
-    builder = open_builder(data_dir, format)
+    builder = open_builder(data_dir, name, format=format, num_keypoints=num_keypoints)
+    format = builder.format
     meta = builder.info.metadata
     for name, want, have in (("image_size_hw", image_size_hw, meta["image_size_hw"]),
                              ("padding", padding, meta["padding"])):

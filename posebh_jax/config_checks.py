@@ -2,15 +2,22 @@
 
 A bad value found here costs the user one line naming the field, not a traceback minutes later
 (grain's batch-size error after the data is read, a ZeroDivisionError after the first step, an
-XLA shape error while compiling, a keypoint-count mismatch at the final evaluation).
+XLA shape error while compiling, a keypoint-count mismatch at the final evaluation). The only
+files read are skeleton JSON files and the head (or tail) of each annotation file, for its
+keypoint count (`data_pipelines.annotation_info`).
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from data_pipelines import readers
-from data_pipelines.skeletons import REAL_SKELETONS, SKELETONS
+import os
+
+from etils import epath
+
+from data_pipelines import annotation_info, readers
+from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
+                                      resolve_skeleton)
 
 
 class ConfigError(ValueError):
@@ -52,9 +59,33 @@ def check_input_geometry(config: ml_collections.ConfigDict) -> None:
           f"upsampled by the {n} layer(s) of {field} gives {have}")
 
 
-def check_datasets(config: ml_collections.ConfigDict) -> None:
-  """Every listed dataset has an entry, a known skeleton and format, and the keypoint count
-  that its annotation format stores."""
+def _join_root(root: str, path: str) -> str:
+  return path if not path or os.path.isabs(path) or "://" in path else os.path.join(root, path)
+
+
+def check_annotation_counts(config: ml_collections.ConfigDict, name: str,
+                            skeleton: SkeletonInfo) -> None:
+  """The entry's annotation files hold as many keypoints as its skeleton (files that exist)."""
+  entry = config.data.datasets[name]
+  syn = config.data.get("synthetic")
+  if (syn is not None and syn.enabled and isinstance(entry.skeleton, str)
+      and entry.skeleton in SYNTHETIC_SKELETONS):
+    return  # Rendered by the generator with exactly this skeleton.
+  fmt = entry.get("format", "coco")
+  for field in ("train_ann", "val_ann"):
+    path = _join_root(config.data.root, entry.get(field, ""))
+    if not path or not epath.Path(path).is_file():
+      continue  # Missing files are named by the readers when they are read.
+    have = annotation_info.keypoint_count(path, fmt)
+    if have is not None and have != skeleton.num_keypoints:
+      raise ConfigError(f"data.datasets.{name}.{field}: {path} holds {have} keypoints per "
+                        f"instance but skeleton {skeleton.name!r} has {skeleton.num_keypoints}")
+
+
+def check_datasets(config: ml_collections.ConfigDict, *, read_files: bool = True) -> None:
+  """Every listed dataset has an entry, a valid skeleton (a known name, a mapping or a JSON
+  file: flip pairs in range, one sigma per keypoint, ...) and format, and the keypoint count
+  that its annotation format and (with `read_files`) its annotation files store."""
   names = tuple(config.data.dataset_names)
   if not names:
     raise ConfigError("data.dataset_names is empty: name at least one dataset")
@@ -64,27 +95,70 @@ def check_datasets(config: ml_collections.ConfigDict) -> None:
                         f"it (known: {sorted(config.data.datasets.keys())})")
     entry = config.data.datasets[name]
     field = f"data.datasets.{name}"
-    if entry.skeleton not in SKELETONS:
-      raise ConfigError(f"{field}.skeleton={entry.skeleton!r}: unknown skeleton; known: "
-                        f"{sorted(SKELETONS)}")
+    try:
+      skeleton = resolve_skeleton(entry.skeleton, default_name=name)
+    except ValueError as e:
+      raise ConfigError(f"{field}.skeleton: {e}") from None
     fmt = entry.get("format", "coco")
     if fmt not in readers.FORMATS:
       raise ConfigError(f"{field}.format={fmt!r}: unknown annotation format; known: "
                         f"{list(readers.FORMATS)}")
-    if entry.skeleton in REAL_SKELETONS and fmt in REAL_SKELETONS:
-      have = SKELETONS[entry.skeleton].num_keypoints
+    if fmt == "coco_wholebody" or (isinstance(entry.skeleton, str) and
+                                   entry.skeleton in REAL_SKELETONS and fmt in REAL_SKELETONS):
+      have = skeleton.num_keypoints
       want = REAL_SKELETONS[fmt].num_keypoints
       if have != want:
-        raise ConfigError(f"{field}: skeleton {entry.skeleton!r} has {have} keypoints but "
+        raise ConfigError(f"{field}: skeleton {skeleton.name!r} has {have} keypoints but "
                           f"format {fmt!r} files hold {want}")
     if not isinstance(entry.get("weight", 1.0), (int, float)) or entry.get("weight", 1.0) < 0:
       raise ConfigError(f"{field}.weight={entry.get('weight')!r}: must be a number >= 0")
+    if read_files:
+      try:
+        check_annotation_counts(config, name, skeleton)
+      except OSError as e:
+        raise ConfigError(f"{field}: cannot read its annotation file ({e})") from None
+
+
+def check_eval_datasets(config: ml_collections.ConfigDict, *, read_files: bool = True) -> None:
+  """Each `data.eval_datasets` entry exists, names a model dataset in `predict_with` and has
+  that dataset's keypoint count (in its skeleton and its annotation files)."""
+  names = tuple(config.data.dataset_names)
+  for name in config.data.get("eval_datasets", ()):
+    field = f"data.datasets.{name}"
+    if name not in config.data.datasets:
+      raise ConfigError(f"data.eval_datasets has {name!r} but data.datasets has no entry for it")
+    if name in names:
+      raise ConfigError(f"data.eval_datasets has {name!r}, which is also in data.dataset_names "
+                        f"(a model dataset is evaluated anyway)")
+    entry = config.data.datasets[name]
+    via = entry.get("predict_with", "")
+    if via not in names:
+      raise ConfigError(f"{field}.predict_with={via!r}: must name the dataset (of "
+                        f"data.dataset_names {list(names)}) whose expert and head predict it")
+    try:
+      skeleton = resolve_skeleton(entry.skeleton, default_name=name)
+      want = resolve_skeleton(config.data.datasets[via].skeleton, default_name=via)
+    except ValueError as e:
+      raise ConfigError(f"{field}.skeleton: {e}") from None
+    if skeleton.num_keypoints != want.num_keypoints:
+      raise ConfigError(f"{field}.skeleton: {skeleton.name!r} has {skeleton.num_keypoints} "
+                        f"keypoints but {via!r}'s head predicts {want.num_keypoints}")
+    fmt = entry.get("format", "coco")
+    if fmt not in readers.FORMATS:
+      raise ConfigError(f"{field}.format={fmt!r}: unknown annotation format; known: "
+                        f"{list(readers.FORMATS)}")
+    if read_files:
+      try:
+        check_annotation_counts(config, name, skeleton)
+      except OSError as e:
+        raise ConfigError(f"{field}: cannot read its annotation file ({e})") from None
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` (one line, naming the field) for values that cannot work.
 
-  Cheap and local: reads no data file and touches no device.
+  Cheap: touches no device; of the data it reads only skeleton files and a few MB of each
+  annotation file (`check_datasets`).
   """
   _positive(config, "train.batch_size", "eval.batch_size", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints")
@@ -95,3 +169,4 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be >= 0")
   check_input_geometry(config)
   check_datasets(config)
+  check_eval_datasets(config)

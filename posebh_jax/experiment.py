@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from data_pipelines import coco_reader, pipeline, readers, tfds_builders
-from data_pipelines.skeletons import REAL_SKELETONS, SkeletonLayout, get_skeleton
+from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
+                                      SkeletonLayout, resolve_skeleton)
 from data_pipelines.synthetic import generate as synthetic_generate
 from posebh_jax.models.heads import ProtoHeadConfig
 from posebh_jax.models.posebh import PoseBHModel
@@ -38,8 +39,40 @@ def dataset_entries(config: ml_collections.ConfigDict) -> list[ml_collections.Co
   return entries
 
 
+def entry_skeleton(name: str, entry: ml_collections.ConfigDict) -> SkeletonInfo:
+  """The `SkeletonInfo` of dataset `name` (its entry's `skeleton`: a name, mapping or file).
+
+  Raises:
+    ValueError: naming the field, for a skeleton `skeletons.resolve_skeleton` rejects.
+  """
+  try:
+    return resolve_skeleton(entry.skeleton, default_name=name)
+  except ValueError as e:
+    raise ValueError(f"data.datasets.{name}.skeleton: {e}") from None
+
+
 def build_layout(config: ml_collections.ConfigDict) -> SkeletonLayout:
-  return SkeletonLayout(tuple(get_skeleton(e.skeleton) for e in dataset_entries(config)))
+  return SkeletonLayout(tuple(entry_skeleton(n, e) for n, e in
+                              zip(config.data.dataset_names, dataset_entries(config))))
+
+
+def train_weights(config: ml_collections.ConfigDict) -> list[float]:
+  """Each dataset's mixing weight; 0 for evaluation-only entries (no `train_ann`)."""
+  return [float(e.weight) if e.get("train_ann", "") or is_generated(config, n, e) else 0.0
+          for n, e in zip(config.data.dataset_names, dataset_entries(config))]
+
+
+def _synthetic_enabled(config: ml_collections.ConfigDict) -> bool:
+  syn = config.data.get("synthetic")
+  return syn is not None and bool(syn.enabled)
+
+
+def is_generated(config: ml_collections.ConfigDict, name: str,
+                  entry: ml_collections.ConfigDict) -> bool:
+  """Whether the entry's data is rendered by the synthetic generator (a synthetic skeleton's
+  name in a config with `data.synthetic.enabled`); other entries read their own files."""
+  return (_synthetic_enabled(config) and isinstance(entry.skeleton, str)
+          and entry.skeleton in SYNTHETIC_SKELETONS)
 
 
 def build_model(config: ml_collections.ConfigDict, layout: SkeletonLayout) -> PoseBHModel:
@@ -104,55 +137,84 @@ def dataset_format(name: str, entry: ml_collections.ConfigDict) -> str:
     raise readers.UnknownFormatError(f"data.datasets.{name}.format: {e}") from None
 
 
-class DuplicateFormatError(ValueError):
-  """Two datasets of one format in a config that reads TFDS builds (keyed by format)."""
+@dataclasses.dataclass(frozen=True)
+class TfdsBuild:
+  """One dataset's TFDS build: `<tfds_dir>/posebh_keypoints/<name>/`, its format and K."""
+
+  name: str
+  format: str
+  num_keypoints: int
+
+
+def tfds_builds(config: ml_collections.ConfigDict) -> list[TfdsBuild]:
+  """Each dataset's TFDS build, in dataset order; checks they can be built.
+
+  Builds are keyed by dataset name and store the dataset's own skeleton's keypoint count, so a
+  new skeleton (or two datasets of one format, e.g. COCO and OCHuman) gets its own build. A
+  dataset named like a reference format ("coco", "mpii", ...) is that format's standard build:
+  it must have that format and that format's keypoint count.
+
+  Raises:
+    readers.UnknownFormatError, ValueError: naming the dataset.
+  """
+  builds = []
+  for name, entry in zip(config.data.dataset_names, dataset_entries(config)):
+    fmt = dataset_format(name, entry)
+    have = entry_skeleton(name, entry).num_keypoints
+    if name in readers.FORMATS:
+      want = REAL_SKELETONS[name].num_keypoints if name in REAL_SKELETONS else have
+      if fmt != name or have != want:
+        raise ValueError(
+            f"data.datasets.{name}: skeleton {entry_skeleton(name, entry).name!r} has {have} "
+            f"keypoints and format {fmt!r}, but the TFDS build named {name!r} is the reference "
+            f"format {name!r} with {want} keypoints; rename the dataset for another format or "
+            f"skeleton")
+    builds.append(TfdsBuild(name, fmt, have))
+  return builds
 
 
 def tfds_formats(config: ml_collections.ConfigDict) -> list[str]:
-  """Each dataset's TFDS build (= its format), in dataset order; checks they can be built.
+  """Each dataset's annotation format, in dataset order, checked to be buildable (`tfds_builds`)."""
+  return [b.format for b in tfds_builds(config)]
 
-  A build is `<tfds_dir>/posebh_keypoints/<format>/`: one per format per directory, with that
-  format's reference skeleton (`skeletons.REAL_SKELETONS`). Two datasets of one format would
-  read the same build, so they are refused; so is a skeleton whose keypoint count differs from
-  its format's.
 
-  Raises:
-    readers.UnknownFormatError, DuplicateFormatError, ValueError: naming the datasets.
-  """
-  seen: dict[str, str] = {}
-  formats = []
-  for name, entry in zip(config.data.dataset_names, dataset_entries(config)):
-    fmt = dataset_format(name, entry)
-    if fmt in seen:
-      raise DuplicateFormatError(
-          f"datasets {seen[fmt]!r} and {name!r} both have format {fmt!r}: TFDS builds are one "
-          f"per format per directory (posebh_keypoints/{fmt}), so they would read the same "
-          f"records; read this config from the annotation files (data.tfds_dir='')")
-    seen[fmt] = name
-    want, have = REAL_SKELETONS[fmt].num_keypoints, get_skeleton(entry.skeleton).num_keypoints
-    if want != have:
-      raise ValueError(f"data.datasets.{name}: skeleton {entry.skeleton!r} has {have} keypoints "
-                       f"but TFDS builds of format {fmt!r} store {want}")
-    formats.append(fmt)
-  return formats
+def entry_files(config: ml_collections.ConfigDict, name: str) -> DatasetFiles:
+  """The files of any `data.datasets` entry (e.g. one of `data.eval_datasets`), against
+  `data.root`; not for generated synthetic data."""
+  e, root = config.data.datasets[name], config.data.root
+  return DatasetFiles(name, join_root(root, e.train_ann), join_root(root, e.val_ann),
+                      join_root(root, e.image_dir), join_root(root, e.get("val_image_dir", "")))
 
 
 def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> list[DatasetFiles]:
-  """Where each dataset's annotations and images are; generates the synthetic data if enabled."""
+  """Where each dataset's annotations and images are; generates the synthetic data if enabled.
+
+  With `data.synthetic.enabled`, the entries whose skeleton is a synthetic one are rendered
+  under `data.root` (default `<workdir>/synthetic_data`); any other entry reads its own files,
+  relative to `data.root` when that is set.
+  """
   entries = dataset_entries(config)
   names = tuple(config.data.dataset_names)
-  syn = config.data.get("synthetic")
-  if syn is not None and syn.enabled:
-    root = config.data.root or os.path.join(workdir, "synthetic_data")
-    generated = synthetic_generate.generate_synthetic_datasets(
-        root, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-        image_size=tuple(syn.image_size), skeletons=tuple(e.skeleton for e in entries))
-    return [DatasetFiles(n, generated[e.skeleton]["train"], generated[e.skeleton]["val"],
-                         generated[e.skeleton]["image_dir"]) for n, e in zip(names, entries)]
   root = config.data.root
-  return [DatasetFiles(n, join_root(root, e.train_ann), join_root(root, e.val_ann),
-                       join_root(root, e.image_dir), join_root(root, e.get("val_image_dir", "")))
-          for n, e in zip(names, entries)]
+  generated = {}
+  if _synthetic_enabled(config):
+    syn = config.data.synthetic
+    synthetic = tuple(e.skeleton for n, e in zip(names, entries) if is_generated(config, n, e))
+    if synthetic:
+      generated = synthetic_generate.generate_synthetic_datasets(
+          root or os.path.join(workdir, "synthetic_data"), num_train=syn.num_train,
+          num_val=syn.num_val, seed=syn.seed, image_size=tuple(syn.image_size),
+          skeletons=synthetic)
+  out = []
+  for n, e in zip(names, entries):
+    if is_generated(config, n, e):
+      g = generated[e.skeleton]
+      out.append(DatasetFiles(n, g["train"], g["val"], g["image_dir"]))
+    else:
+      out.append(DatasetFiles(n, join_root(root, e.train_ann), join_root(root, e.val_ann),
+                              join_root(root, e.image_dir),
+                              join_root(root, e.get("val_image_dir", ""))))
+  return out
 
 
 def join_root(root: str, path: str) -> str:
@@ -166,33 +228,43 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
   """Every dataset's `split` ("train" or "val") instance records, by its `format`.
 
   From `data.tfds_dir` (built ArrayRecord, random access without loading it all) when set,
-  otherwise from the annotation files (`readers.read_dataset`). Training records of
+  except for generated synthetic data, otherwise from the annotation files (`readers.read_dataset`). Training records of
   COCO-format datasets get the seeded centre jitter when `data.center_jitter` is on.
 
   Raises:
     ValueError: a dataset has no usable training instance (its skip report is in the message).
     readers.UnknownFormatError / coco_reader.AnnotationError: bad format name or annotation.
-    DuplicateFormatError: two datasets of one format reading TFDS builds (`tfds_formats`).
+
+  A dataset without the split's annotation file (an evaluation-only entry has no `train_ann`)
+  gets no records and an empty report.
   """
   records, reports = [], []
   image_size_hw = tuple(config.data.image_size)
   tfds_dir = config.data.get("tfds_dir", "")
   entries = dataset_entries(config)
-  formats = (tfds_formats(config) if tfds_dir else
-             [dataset_format(f.name, e) for f, e in zip(files, entries)])
-  for d, (f, entry, fmt) in enumerate(zip(files, entries, formats)):
+  builds = (tfds_builds(config) if tfds_dir else
+            [TfdsBuild(f.name, dataset_format(f.name, e), k)
+             for f, e, k in zip(files, entries, layout.num_keypoints)])
+  for d, (f, entry, build) in enumerate(zip(files, entries, builds)):
+    fmt = build.format
+    ann = f.train_ann if split == "train" else f.val_ann
+    if not ann:
+      records.append([])
+      reports.append(coco_reader.ReadReport(source=f"{f.name}: no {split} annotations"))
+      continue
     jitter = (config.seed if split == "train" and config.data.get("center_jitter", False)
-              and fmt != "mpii" else None)
+              and fmt not in ("mpii", "interhand2d") else None)
     det = entry.get("val_det", "") if split == "val" else ""
-    if tfds_dir:
+    if tfds_dir and not is_generated(config, f.name, entry):  # Generated data: its files.
       tfds_split = "val_det" if det else split
+      key = dict(format=fmt, num_keypoints=build.num_keypoints)
       recs = tfds_builders.TfdsRecords(
-          tfds_dir, fmt, tfds_split, dataset_index=d, center_jitter_seed=jitter,
-          image_size_hw=image_size_hw, padding=config.data.bbox_padding)
-      report = tfds_builders.stored_reports(tfds_builders.open_builder(tfds_dir, fmt)).get(
-          tfds_split, coco_reader.ReadReport(source=f"{tfds_dir}:{fmt}/{tfds_split}"))
+          tfds_dir, build.name, tfds_split, dataset_index=d, center_jitter_seed=jitter,
+          image_size_hw=image_size_hw, padding=config.data.bbox_padding, **key)
+      report = tfds_builders.stored_reports(
+          tfds_builders.open_builder(tfds_dir, build.name, **key)).get(
+              tfds_split, coco_reader.ReadReport(source=f"{tfds_dir}:{build.name}/{tfds_split}"))
     else:
-      ann = f.train_ann if split == "train" else f.val_ann
       det_path = join_root(config.data.root, det) if det else None
       recs, report = readers.read_dataset(
           fmt, ann, f.split_image_dir(split), layout.skeletons[d], d,
@@ -202,6 +274,9 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       raise ValueError(f"dataset {f.name!r}: no usable training instances ({report})")
     records.append(recs)
     reports.append(report)
+  if split == "train" and not any(len(r) for r in records):
+    raise ValueError("no dataset has training annotations (every data.datasets entry's "
+                     "train_ann is empty): nothing to train on")
   return records, reports
 
 

@@ -47,8 +47,8 @@ def skeleton_index(config: ml_collections.ConfigDict, name: str) -> int:
   names = tuple(config.data.dataset_names)
   if name in names:
     return names.index(name)
-  for d, entry in enumerate(experiment.dataset_entries(config)):
-    if entry.skeleton == name:
+  for d, (n, entry) in enumerate(zip(names, experiment.dataset_entries(config))):
+    if experiment.entry_skeleton(n, entry).name == name:
       return d
   raise UnknownSkeletonError(f"unknown skeleton {name!r}; this model predicts {list(names)}")
 
@@ -224,7 +224,7 @@ class Predictor:
         skeleton = self.layout.skeletons[a]
         out.append(dict(instance=i, box=xywh.astype(np.float32), box_score=score,
                         skeleton=self.dataset_names[a], skeleton_type=skeleton.name,
-                        keypoint_names=skeleton.keypoint_names,
+                        skeleton_info=skeleton, keypoint_names=skeleton.keypoint_names,
                         keypoints=per_skeleton[a][i], through=through))
     return out
 

@@ -23,6 +23,7 @@ from conftest import REPO, shared_path
 from configs import common
 from configs import posebh as posebh_configs
 from configs import synthetic as synthetic_configs
+from posebh_jax import config_checks
 from posebh_jax.evaluation import evaluate
 from posebh_jax.evaluation import benchmark
 from posebh_jax.evaluation import coco_metrics as cm
@@ -30,6 +31,8 @@ from posebh_jax.evaluation import mpii_metrics as mm
 from posebh_jax.evaluation import predict
 
 SAMPLE_SETS = ("coco", "aic", "mpii", "ap10k", "coco_wholebody")
+# Evaluation-only (data.eval_datasets), predicted with COCO's expert and head.
+EVAL_ONLY_SETS = ("ochuman",)
 ANNOTATIONS = {"coco": "coco/test_coco.json", "aic": "aic/test_aic.json",
                "mpii": "mpii/test_mpii.json", "ap10k": "ap10k/test_ap10k.json",
                "coco_wholebody": "coco/test_coco_wholebody.json"}
@@ -53,6 +56,7 @@ class _Spy:
 
   def __init__(self, monkeypatch, replace=None):
     self.calls: dict[int, tuple[list, list]] = {}
+    self.all_calls: list[tuple[int, list, list]] = []
     original = predict.TopDownPredictor.predict_records
     spy = self
 
@@ -61,7 +65,9 @@ class _Spy:
         out = original(self_, params, batch_stats, prototypes, records, a, **kw)
       else:
         out = replace(records)
-      spy.calls[a] = (list(records), out)
+      # The first call per skeleton: the dataset's own (OCHuman comes later through COCO's).
+      spy.calls.setdefault(a, (list(records), out))
+      spy.all_calls.append((a, list(records), out))
       return out
     monkeypatch.setattr(predict.TopDownPredictor, "predict_records", wrapped)
 
@@ -93,13 +99,13 @@ def _as_predictions(preds):
 def test_table_and_json_for_all_five_sample_sets(full_run):
   out, _, workdir, stdout = full_run
   assert "Evaluation at step 0" in stdout and "with flip test" in stdout
-  for name in SAMPLE_SETS:
+  for name in SAMPLE_SETS + EVAL_ONLY_SETS:
     assert any(line.startswith(name + " ") for line in stdout.splitlines()), name
   assert "WholeBody AP" in stdout and "apt36k" not in stdout  # No APT-36K sample.
   # posebh-eval's outputs go to their own folder, never the training run's eval/.
   with open(os.path.join(workdir, "eval_cli", "all", "metrics_0.json")) as f:
     metrics = json.load(f)
-  assert set(metrics["per_dataset"]) == set(SAMPLE_SETS)
+  assert set(metrics["per_dataset"]) == set(SAMPLE_SETS + EVAL_ONLY_SETS)
   assert out["metrics_file"] == os.path.join(workdir, "eval_cli", "all", "metrics_0.json")
   assert not os.path.exists(os.path.join(workdir, "eval"))
   for name, m in metrics["per_dataset"].items():
@@ -115,7 +121,32 @@ def test_table_and_json_for_all_five_sample_sets(full_run):
     assert f"{part}/AP" in metrics["per_dataset"]["coco_wholebody"]
   # The result files mmpose would write, per COCO-style dataset.
   assert sorted(os.listdir(os.path.join(workdir, "eval_cli", "all", "results_0"))) == sorted(
-      f"{n}_keypoints.json" for n in SAMPLE_SETS if n != "mpii")
+      f"{n}_keypoints.json" for n in SAMPLE_SETS + EVAL_ONLY_SETS if n != "mpii")
+
+
+def test_ochuman_through_coco_expert_and_head_with_coco_sigmas(full_run):
+  """OCHuman (evaluation only) on its sample: ground-truth boxes of its own file, predicted with
+  skeleton index 0 (COCO's expert and head), scored by COCOeval with COCO's sigmas."""
+  out, spy, _, _ = full_run
+  (a, records, preds), = [c for c in spy.all_calls
+                          if c[1] and "ochuman" in c[1][0]["image_path"]]
+  assert a == 0 and len(records) == len(preds) == 5  # The sample's 5 people, all kept.
+  assert all(p["keypoints"].shape == (17, 3) for p in preds)
+  want = cm.evaluate_dataset("ochuman", _sample("ochuman/test_ochuman.json"),
+                             _as_predictions(preds))
+  got = out["datasets"]["ochuman"]
+  assert got["values"] == want and got["boxes"] == "gt" and got["metric"] == "coco_oks"
+
+
+def test_ochuman_entry_checks():
+  config = _config()
+  config.data.datasets.ochuman.predict_with = "cocoo"
+  with pytest.raises(config_checks.ConfigError, match=r"ochuman\.predict_with='cocoo'"):
+    config_checks.check_config(config)
+  config = _config()
+  config.data.datasets.ochuman.skeleton = "aic"
+  with pytest.raises(config_checks.ConfigError, match="'aic' has 14 keypoints but 'coco'"):
+    config_checks.check_config(config)
 
 
 @pytest.mark.parametrize("name", ["coco", "aic", "ap10k", "coco_wholebody"])

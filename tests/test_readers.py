@@ -359,7 +359,8 @@ def test_bad_input_wrong_keypoint_count_names_file_and_record(tmp_path):
 
 def test_bad_input_unknown_format_lists_the_known_ones(tmp_path):
   with pytest.raises(readers.UnknownFormatError,
-                     match=r"unknown annotation format 'cocoo'; known: \['coco', 'aic'.*'mpii'\]"):
+                     match=r"unknown annotation format 'cocoo'; known: \['coco', 'aic'.*'mpii', "
+                           r"'interhand2d'\]"):
     _read(_coco_file(tmp_path, [_ann(1)]), tmp_path, "cocoo")
   with pytest.raises(ValueError, match="no detection boxes"):
     _read(_mpii_file(tmp_path, [_mpii_entry()]), tmp_path, "mpii", MPII, det_path="d.json")

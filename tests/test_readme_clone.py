@@ -31,6 +31,8 @@ NOT_HERE = [
     (r"^gcloud |coordinator_address=host0|^posebh-train \.\.\.", "a TPU pod / GPU cluster"),
     (r"configs/samples\.py", "../shared sample data (a developer check)"),
     (r"benchmarks/train_step\.py .*bfloat16", "an accelerator (bf16 benchmark)"),
+    (r"my_configs/stick14\.py", "the user's own dataset and config file (\"Add a dataset\"): "
+     "tests/test_new_skeleton.py writes them and runs these commands"),
 ]
 # Overrides appended to the synthetic commands: the same commands, seconds instead of minutes.
 SHORT_DATA = ["--config.data.synthetic.num_train=12", "--config.data.synthetic.num_val=4"]

@@ -81,7 +81,11 @@ def test_real_config_builds_follow_the_readme_layout():
   cfg = posebh.get_config("b")
   cfg.data.root = "/data"
   builds = {b.name: b for b in build_tfds.config_builds(cfg)}  # Plans only: opens no file.
-  assert list(builds) == ["coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody"]
+  assert list(builds) == ["coco", "aic", "mpii", "ap10k", "apt36k", "coco_wholebody", "ochuman"]
+  # OCHuman (evaluation only, through COCO's head): its own build, validation split only.
+  assert set(builds["ochuman"].splits) == {"val"} and builds["ochuman"].num_keypoints == 17
+  assert builds["ochuman"].splits["val"].ann == (
+      "/data/ochuman/annotations/ochuman_coco_format_val_range_0.00_1.00.json")
   for name in ("coco", "coco_wholebody"):
     b = builds[name]
     assert set(b.splits) == {"train", "val", "val_det"} and b.image_dir == "/data/coco/train2017"
@@ -138,16 +142,30 @@ def test_bad_dataset_formats_are_named(tmp_path):
   with pytest.raises(readers.UnknownFormatError, match=r"data\.datasets\.aic\.format"):
     experiment.load_records(cfg, layout, files, "train")
 
-  # Two datasets of one format would read one build: refused, naming both.
+  # A dataset named like a reference format is that format's build: another format is refused
+  # at config time, naming it; from the files the same config is fine.
   cfg = _config(str(tmp_path))
   cfg.data.datasets.aic.format = "coco"
-  with pytest.raises(experiment.DuplicateFormatError, match="'coco' and 'aic'.*'coco'"):
+  with pytest.raises(ValueError, match="data.datasets.aic: .*format 'coco'.*reference format "
+                     "'aic'"):
     build_tfds.config_builds(cfg)
-  with pytest.raises(experiment.DuplicateFormatError, match="'coco' and 'aic'"):
+  with pytest.raises(ValueError, match="data.datasets.aic: "):
     experiment.load_records(cfg, layout, files, "train")
   cfg.data.tfds_dir = ""  # From the files the same config is fine (two COCO-format files).
   recs, _ = experiment.load_records(cfg, layout, files, "train")
   assert len(recs[1]) == KEPT["aic"] and recs[1][0]["keypoints"].shape == (14, 3)
+
+  # Builds are keyed by dataset name: two COCO-format datasets under other names get one build
+  # each, with their own keypoint counts.
+  cfg = _config(str(tmp_path))
+  with cfg.unlocked():
+    cfg.data.dataset_names = ("people", "more_people")
+    cfg.data.datasets.people = cfg.data.datasets.coco
+    cfg.data.datasets.more_people = cfg.data.datasets.aic.copy_and_resolve_references()
+    cfg.data.datasets.more_people.format = "coco"
+  builds = build_tfds.config_builds(cfg)
+  assert [(b.name, b.format, b.num_keypoints) for b in builds] == [
+      ("people", "coco", 17), ("more_people", "coco", 14)]
 
   # A skeleton the format's builds cannot hold.
   cfg = _config(str(tmp_path))

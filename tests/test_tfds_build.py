@@ -126,8 +126,13 @@ def test_reading_guards(built, tmp_path):
     tfds_builders.TfdsRecords(str(tmp_path), "aic", "train")
   with pytest.raises(ValueError, match=r"built with image_size_hw=\[256, 192\], asked for"):
     tfds_builders.TfdsRecords(data_dir, "aic", "train", image_size_hw=(384, 288))
+  # Any other name is a new dataset's build: it needs a known format and its keypoint count.
   with pytest.raises(readers.UnknownFormatError, match="known: "):
+    tfds_builders.TfdsRecords(data_dir, "coco17", "train", format="coco17", num_keypoints=17)
+  with pytest.raises(ValueError, match="'coco17': give its number of keypoints"):
     tfds_builders.TfdsRecords(data_dir, "coco17", "train")
+  with pytest.raises(ValueError, match="build 'aic' is the reference 'aic' format with 14"):
+    tfds_builders.TfdsRecords(data_dir, "aic", "train", num_keypoints=17)
   source = tfds_builders.TfdsRecords(data_dir, "aic", "train")
   with pytest.raises(IndexError):
     source[len(source)]

@@ -9,6 +9,8 @@ the OKS sigmas:
                                                            (rescoring + OKS-NMS, COCOeval with
                                                            xtcocotools' rules; WholeBody parts)
   mpii                                          pckh       mpii_metrics.mpii_pckh
+  interhand2d                                   hand_pck   hand_metrics (PCK@0.2 of the box,
+                                                           AUC over 0-30 px, EPE in px)
   synthetic data (`data.synthetic.enabled`)     pck_box    evaluator.PCKEvaluator (box-normalised
                                                            PCK, also across skeletons)
 
@@ -42,9 +44,10 @@ from jax.sharding import Mesh
 
 from data_pipelines import coco_reader, pipeline
 from data_pipelines.skeletons import SkeletonLayout
-from posebh_jax.evaluation import coco_metrics, evaluator, mpii_metrics, predict
+from posebh_jax.evaluation import (coco_metrics, evaluator, hand_metrics, mpii_metrics,
+                                   predict)
 
-METRICS = ("coco_oks", "pckh", "pck_box")
+METRICS = ("coco_oks", "pckh", "pck_box", "hand_pck")
 BOXES = ("config", "gt", "det")
 _TABLE_COLUMNS = (("AP", "AP"), ("AP50", "AP .5"), ("AP75", "AP .75"), ("AR", "AR"))
 _WHOLEBODY_COLUMNS = ("body", "foot", "face", "lefthand", "righthand", "wholebody")
@@ -76,10 +79,17 @@ class DatasetProtocol:
   val_ann: str
   val_det: str = ""
   val_gt_mat: str = ""
+  # Position of its records in the evaluator's list: -1 = `index`; an entry of
+  # `data.eval_datasets` (predicted with dataset `index`'s expert and head) has its own.
+  slot: int = -1
 
   @property
   def boxes(self) -> str:
     return "det" if self.val_det else "gt"
+
+  @property
+  def record_slot(self) -> int:
+    return self.index if self.slot < 0 else self.slot
 
 
 def metric_for(entry: Mapping[str, Any], synthetic: bool) -> tuple[str, str]:
@@ -89,6 +99,8 @@ def metric_for(entry: Mapping[str, Any], synthetic: bool) -> tuple[str, str]:
     return "pck_box", ""
   if fmt == "mpii":
     return "pckh", "mpii"
+  if fmt == "interhand2d":  # PCK@0.2 of the box, AUC over 0-30 px, EPE (hand_metrics).
+    return "hand_pck", "interhand2d"
   if fmt in coco_metrics.PROTOCOLS:
     return "coco_oks", fmt
   raise EvalSelectionError(f"dataset format {fmt!r} has no evaluation protocol (known: "
@@ -105,8 +117,8 @@ def parse_datasets(arg: str | Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
-                      datasets: Sequence[str] | None = None, boxes: str = "config"
-                      ) -> list[DatasetProtocol]:
+                      datasets: Sequence[str] | None = None, boxes: str = "config", *,
+                      with_eval_datasets: bool = False) -> list[DatasetProtocol]:
   """The protocols of the selected datasets, in dataset-index order.
 
   Args:
@@ -116,6 +128,8 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     datasets: names to evaluate; None = every dataset that has validation annotations.
     boxes: "config" (each entry's `val_det`), "gt" (ground-truth boxes everywhere) or "det"
       (detections; every selected dataset must have `val_det`).
+    with_eval_datasets: also the entries of `data.eval_datasets` (posebh-eval), after the
+      model's datasets, each with its `predict_with` dataset's index and a slot of its own.
 
   Raises:
     EvalSelectionError: an unknown name, a selected dataset without validation annotations,
@@ -126,10 +140,12 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
   if boxes not in BOXES:
     raise EvalSelectionError(f"boxes={boxes!r}; expected one of {BOXES}")
   names = tuple(config.data.dataset_names)
+  extra = tuple(config.data.get("eval_datasets", ())) if with_eval_datasets else ()
   if datasets is not None:
-    unknown = [n for n in datasets if n not in names]
+    unknown = [n for n in datasets if n not in names + extra]
     if unknown:
-      raise EvalSelectionError(f"unknown dataset(s) {unknown}: the config has {list(names)}")
+      raise EvalSelectionError(f"unknown dataset(s) {unknown}: the config has "
+                               f"{list(names + extra)}")
   synthetic = bool(config.data.get("synthetic", {}).get("enabled", False))
   by_name = {f.name: f for f in files}
   out = []
@@ -143,7 +159,9 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
         continue
       raise EvalSelectionError(f"dataset {name!r} has no validation annotations "
                                f"(data.datasets.{name}.val_ann is empty)")
-    metric, kind = metric_for(entry, synthetic)
+    # Only generated data has the cross-skeleton ground truth of box-normalised PCK; another
+    # dataset in a synthetic config is scored by its own format's protocol.
+    metric, kind = metric_for(entry, synthetic and experiment.is_generated(config, name, entry))
     det = entry.get("val_det", "")
     if boxes == "gt":
       det = ""
@@ -153,6 +171,18 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     gt_mat = (experiment.join_root(config.data.root, entry.get("val_gt_mat", ""))
               if metric == "pckh" else "")
     out.append(DatasetProtocol(name, d, metric, kind, f.val_ann, det, gt_mat))
+  for j, name in enumerate(extra):
+    if datasets is not None and name not in datasets:
+      continue
+    entry = config.data.datasets[name]
+    d = names.index(entry.predict_with)  # Checked by config_checks.check_eval_datasets.
+    f = experiment.entry_files(config, name)
+    metric, kind = metric_for(entry, False)
+    det = "" if boxes == "gt" else entry.get("val_det", "")
+    if boxes == "det" and not det:
+      raise EvalSelectionError(f"--boxes=det: dataset {name!r} has no detection boxes "
+                               f"(data.datasets.{name}.val_det is empty)")
+    out.append(DatasetProtocol(name, d, metric, kind, f.val_ann, det, slot=len(names) + j))
   return out
 
 
@@ -166,14 +196,16 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
   never opened.
 
   Returns:
-    (records per dataset index, [] for unselected ones; the read reports of the selected ones).
+    (records per protocol slot (`DatasetProtocol.record_slot`: the dataset index, then the
+    `data.eval_datasets`), [] for unselected ones; the read reports of the selected ones).
     The records' `dataset_index` is their position among the selected datasets: the predictor
     takes the skeleton index explicitly and never reads it.
   """
   from posebh_jax import experiment  # experiment imports the model; keep this module light.
 
+  num_slots = max([layout.num_datasets] + [p.record_slot + 1 for p in protocols])
   if not protocols:
-    return [[] for _ in layout.skeletons], []
+    return [[] for _ in range(num_slots)], []
   sub = config.copy_and_resolve_references()
   with sub.unlocked():
     sub.data.dataset_names = tuple(p.name for p in protocols)
@@ -181,11 +213,12 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       sub.data.datasets[p.name].val_det = p.val_det
   sub_layout = SkeletonLayout(tuple(layout.skeletons[p.index] for p in protocols))
   by_name = {f.name: f for f in files}
-  recs, reports = experiment.load_records(sub, sub_layout, [by_name[p.name] for p in protocols],
-                                          "val")
-  records: list[Sequence[dict[str, Any]]] = [[] for _ in layout.skeletons]
+  sub_files = [by_name[p.name] if p.slot < 0 else experiment.entry_files(config, p.name)
+               for p in protocols]
+  recs, reports = experiment.load_records(sub, sub_layout, sub_files, "val")
+  records: list[Sequence[dict[str, Any]]] = [[] for _ in range(num_slots)]
   for p, r in zip(protocols, recs):
-    records[p.index] = r
+    records[p.record_slot] = r
   return records, reports
 
 
@@ -254,7 +287,7 @@ class BenchmarkEvaluator:
     """
     out, pairs = [], []
     for p in self.protocols:
-      records = self.val_records[p.index]
+      records = self.val_records[p.record_slot]
       if p.metric == "pck_box":
         continue
       if not len(records):
@@ -267,6 +300,9 @@ class BenchmarkEvaluator:
           os.makedirs(results_dir, exist_ok=True)
           path = os.path.join(results_dir, f"{p.name}_keypoints.json")
         out.append(score_coco(p, self.layout, preds, path))
+      elif p.metric == "hand_pck":
+        out.append(DatasetResult(p.name, "hand_pck", p.boxes, len(preds),
+                                 hand_metrics.score_records(records, preds)))
       else:
         out.append(score_mpii(p, preds, records))
     if self.pck is not None:
@@ -379,6 +415,13 @@ def format_table(results: EvalResults, thresholds: Sequence[float] = (0.05, 0.1)
     for r in wholebody:
       lines.append(f"{r.name:<16} " + " ".join(_fmt(r.values[f"{c}/AP"], 9)
                                                 for c in _WHOLEBODY_COLUMNS))
+  hands = [r for r in results.datasets if r.metric == "hand_pck"]
+  if hands:
+    head = f"{'hands':<16} {'boxes':<5} {'n':>5} {'PCK@0.2':>8} {'AUC':>7} {'EPE px':>7}"
+    lines += (["", head] if lines else [head]) + ["-" * len(head)]
+    for r in hands:
+      lines.append(f"{r.name:<16} {r.boxes:<5} {r.num_instances:>5} {_fmt(r.values['PCK'], 8)} "
+                   f"{_fmt(r.values['AUC'])} {r.values['EPE']:>7.2f}")
   if results.pairs:
     if lines:
       lines.append("")

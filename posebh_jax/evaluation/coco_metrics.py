@@ -173,7 +173,8 @@ def rescore_and_nms(predictions: Sequence[KeypointPrediction], sigmas: np.ndarra
   return kept
 
 
-def results_json(instances: Sequence[KeypointPrediction], kind: str) -> list[dict[str, Any]]:
+def results_json(instances: Sequence[KeypointPrediction], kind: str,
+                 num_keypoints: int | None = None) -> list[dict[str, Any]]:
   """COCO keypoint result records as the reference writes them (spec §5.4 step 4).
 
   Args:
@@ -181,13 +182,15 @@ def results_json(instances: Sequence[KeypointPrediction], kind: str) -> list[dic
     kind: dataset kind (see `evaluate_dataset`): people get category 1, AP-10K/APT-36K the
       record's `category_id`; COCO-WholeBody's 133 values are split into `keypoints` (body 17),
       `foot_kpts`, `face_kpts`, `lefthand_kpts`, `righthand_kpts`.
+    num_keypoints: keypoints per instance (a config-defined skeleton's); default the kind's
+      skeleton's.
 
   Returns:
     One dict per instance with `image_id`, `category_id`, the flattened (x, y, score) keypoint
     lists, `score`, `center`, `scale` (JSON-serialisable).
   """
   protocol = _protocol(kind)
-  _check_keypoint_count(instances, get_skeleton(protocol.skeleton).num_keypoints)
+  _check_keypoint_count(instances, num_keypoints or get_skeleton(protocol.skeleton).num_keypoints)
   cuts = np.cumsum((0,) + WHOLEBODY_PART_SIZES) * 3
   out = []
   for i, p in enumerate(instances):
@@ -458,7 +461,7 @@ def evaluate_dataset(kind: str, gt: GroundTruth, predictions: Sequence[KeypointP
     sigmas = get_skeleton(protocol.skeleton).sigmas
   kept = rescore_and_nms(predictions, np.asarray(sigmas, np.float64), vis_thr=vis_thr,
                          oks_thr=oks_thr, soft_nms=soft_nms, use_nms=use_nms)
-  results = results_json(kept, kind)
+  results = results_json(kept, kind, len(sigmas))
   if results_path is not None:
     with open(results_path, 'w') as f:
       json.dump(results, f, sort_keys=True, indent=4)

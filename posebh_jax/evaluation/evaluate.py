@@ -36,7 +36,7 @@ def _prepare(config, workdir: str, datasets, boxes: str):
   layout = experiment.build_layout(config)
   files = experiment.resolve_dataset_files(config, workdir)
   protocols = benchmark.dataset_protocols(config, files, benchmark.parse_datasets(datasets),
-                                          boxes)
+                                          boxes, with_eval_datasets=True)
   if not protocols:
     raise benchmark.EvalSelectionError("no dataset of the config has validation annotations")
   model = experiment.build_model(config, layout)

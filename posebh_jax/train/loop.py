@@ -280,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info("model: %.2fM parameters; mesh %s; global batch %d", n_params / 1e6,
            dict(mesh.shape), config.train.batch_size)
 
-  weights = [config.data.datasets[n].weight for n in config.data.dataset_names]
+  weights = experiment.train_weights(config)  # 0 for evaluation-only datasets.
   dataset = pipeline.mixed_train_dataset(
       train_records, weights, td_cfg, batch_size=per_host_batch, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
