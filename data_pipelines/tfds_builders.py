@@ -18,7 +18,8 @@ Why per instance, with the image's original encoded bytes in every instance:
   regions would make decoding cheaper but need re-encoding (lossy, or large if lossless) and a
   crop large enough for the scale/rotation/half-body augmentation; not done.
 
-Example features: `image_bytes` (encoded file), `image_path` (where the bytes came from), the
+Example features: `image_bytes` (encoded file), `image_path` (where the bytes came from),
+`image_wh` (the annotated size, checked when the bytes are decoded; 0 = unknown), the
 ids (`image_id`, `ann_id`, `bbox_id`, `category_id`, `dataset_index`), `bbox_score`, `bbox` [4],
 `center` [2], `scale` [2], `keypoints` [K, 3]. The builder stores the reference dataset index
 (spec §4.1 order) and no centre jitter; `TfdsRecords` overrides the index with the experiment's
@@ -40,6 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import readers
+from data_pipelines import storage
 from data_pipelines.coco_reader import ReadReport, jitter_center
 from data_pipelines.image_files import read_bytes
 from data_pipelines.skeletons import REAL_SKELETONS
@@ -63,8 +65,9 @@ class SplitFiles:
 class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
   """Top-down pose instances of one real dataset (config = annotation format)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes.",
+                   "1.1.0": "image_wh: the annotated image size, checked when decoding."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f, description=f"{f} keypoint instances")
                      for f in readers.FORMATS]
   # No checksums file beside the code (nothing is downloaded). Also sidesteps TFDS's lookup of
@@ -109,6 +112,7 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
             "image_path": tfds.features.Text(),
+            "image_wh": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "image_id": scalar(dtype=np.int64),
             "ann_id": scalar(dtype=np.int64),
             "bbox_id": scalar(dtype=np.int64),
@@ -154,8 +158,9 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
       if r["image_path"] != path:  # Records come grouped by image: read each file once in a row.
         path, data = r["image_path"], read_bytes(r["image_path"])
       yield i, {
-          "image_bytes": data, "image_path": path,
-          **{k: r[k] for k in ("image_id", "ann_id", "bbox_id", "category_id", "dataset_index",
+          # The path is only for messages: names that are not UTF-8 are stored escaped.
+          "image_bytes": data, "image_path": storage.display(path),
+          **{k: r[k] for k in ("image_wh", "image_id", "ann_id", "bbox_id", "category_id", "dataset_index",
                                "bbox_score", "bbox", "center", "scale", "keypoints")}}
 
 
@@ -272,6 +277,7 @@ def tfds_example_to_record(example: Mapping[str, Any], *, dataset_index: int | N
   path = example["image_path"]
   return dict(
       image_path=path.decode() if isinstance(path, bytes) else str(path),
+      image_wh=np.asarray(example["image_wh"], np.int32),
       image_bytes=bytes(example["image_bytes"]),
       image_id=int(example["image_id"]), ann_id=int(example["ann_id"]),
       bbox_id=int(example["bbox_id"]),
