@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipelines import coco_reader, pipeline, readers, tfds_builders
+from data_pipelines import coco_reader, pipeline, readers, storage, tfds_builders
 from data_pipelines.skeletons import REAL_SKELETONS, SkeletonLayout, get_skeleton
 from data_pipelines.synthetic import generate as synthetic_generate
 from posebh_jax.models.heads import ProtoHeadConfig
@@ -143,7 +143,7 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
   names = tuple(config.data.dataset_names)
   syn = config.data.get("synthetic")
   if syn is not None and syn.enabled:
-    root = config.data.root or os.path.join(workdir, "synthetic_data")
+    root = config.data.root or storage.join(workdir, "synthetic_data")
     generated = synthetic_generate.generate_synthetic_datasets(
         root, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
         image_size=tuple(syn.image_size), skeletons=tuple(e.skeleton for e in entries))
@@ -157,7 +157,9 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
 
 def join_root(root: str, path: str) -> str:
   """`path` under `root` unless it is empty, absolute or a URL (gs://...)."""
-  return path if not path or os.path.isabs(path) or "://" in path else os.path.join(root, path)
+  if not path or storage.is_remote(path) or os.path.isabs(path):
+    return path
+  return storage.join(root, path)
 
 
 def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
