@@ -121,3 +121,18 @@ def display(path: PathLike) -> str:
   Python carries such file names as lone surrogates, which cannot be printed or logged.
   """
   return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def upload_tree(local_dir: str, dest: str, *, last: tuple[str, ...] = ()) -> int:
+  """Copies every file under the local `local_dir` to `dest` (local or URL), keeping the
+  relative layout; files named in `last` go after all others (a completion marker). Returns
+  the number of files copied."""
+  files = []
+  for root, _, names in os.walk(local_dir):
+    for n in names:
+      files.append(os.path.relpath(os.path.join(root, n), local_dir))
+  files.sort(key=lambda f: (os.path.basename(f) in last, f))
+  for f in files:
+    with open(os.path.join(local_dir, f), "rb") as src:
+      write_bytes(join(dest, *f.split(os.sep)), src.read())
+  return len(files)

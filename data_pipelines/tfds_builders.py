@@ -34,6 +34,8 @@ centre/scale were computed with (checked on reading).
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,8 +162,9 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
       yield i, {
           # The path is only for messages: names that are not UTF-8 are stored escaped.
           "image_bytes": data, "image_path": storage.display(path),
-          **{k: r[k] for k in ("image_wh", "image_id", "ann_id", "bbox_id", "category_id", "dataset_index",
-                               "bbox_score", "bbox", "center", "scale", "keypoints")}}
+          **{k: r[k] for k in ("image_wh", "image_id", "ann_id", "bbox_id", "category_id",
+                               "dataset_index", "bbox_score", "bbox", "center", "scale",
+                               "keypoints")}}
 
 
 def build(format: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir: str, *,
@@ -173,14 +176,27 @@ def build(format: str, data_dir: str, splits: Mapping[str, SplitFiles], image_di
   If that dataset version is already under `data_dir`, TFDS reuses it and the reports are
   those stored at its build (from the metadata).
 
+  `data_dir` may be a URL (gs://...): ArrayRecord cannot write to object stores, so the build
+  goes to a local temporary directory and is then copied up (`dataset_info.json` last, so the
+  remote build counts as prepared only when complete); the returned builder reads the remote
+  copy.
+
   Raises:
     ValueError: an existing build lacks one of `splits` or was built with another
       `image_size_hw` / `padding` (delete it to rebuild).
   """
   readers.check_format(format)
-  builder = PosebhKeypoints(data_dir=data_dir, config=format, splits=splits, image_dir=image_dir,
-                            image_size_hw=image_size_hw, padding=padding,
-                            det_bbox_thr=det_bbox_thr, decode_images=decode_images)
+  kwargs = dict(config=format, splits=splits, image_dir=image_dir, image_size_hw=image_size_hw,
+                padding=padding, det_bbox_thr=det_bbox_thr, decode_images=decode_images)
+  builder = PosebhKeypoints(data_dir=data_dir, **kwargs)
+  if storage.is_remote(data_dir) and not builder.is_prepared():
+    with tempfile.TemporaryDirectory(prefix="posebh-tfds-") as local_dir:
+      local = PosebhKeypoints(data_dir=local_dir, **kwargs)
+      local.download_and_prepare()
+      storage.upload_tree(os.fspath(local.data_dir), os.fspath(builder.data_dir),
+                          last=("dataset_info.json",))
+    builder = PosebhKeypoints(data_dir=data_dir, **kwargs)
+    builder.reports = local.reports
   builder.download_and_prepare()
   if not builder.reports:  # Reused: check it is the build that was asked for.
     meta = builder.info.metadata
