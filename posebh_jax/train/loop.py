@@ -60,7 +60,7 @@ def count_skipped_images(local_batch: dict[str, np.ndarray], seen: int, limit: i
                 "the files are named in the warnings above)", step, n, seen)
     if 0 <= limit < seen:
       raise TooManyBadImagesError(
-          f"posebh-train: {seen} training samples had an unusable image (missing, corrupt, "
+          f"{seen} training samples had an unusable image (missing, corrupt, "
           f"truncated or not their annotated size; each file is named in the warnings above), "
           f"more than data.max_bad_images={limit}; fix or remove those images, or raise the "
           f"limit. Checkpoints are intact; rerun to resume.")
