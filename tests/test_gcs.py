@@ -203,3 +203,40 @@ def test_metrics_log_appends_keep_every_line_on_gcs(gcs_emulator, gcs_bucket, tm
   assert out.stdout.strip().splitlines()[-1] == "[1, 2, 3, 4, 5]"
   stored = gcs_emulator.read_object(gcs_bucket, "run/train_metrics.jsonl").decode()
   assert [json.loads(line)["step"] for line in stored.splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_convert_and_export_read_and_write_the_bucket(gcs_emulator, gcs_bucket, tmp_path):
+  """posebh-convert from a gs:// .pth to gs:// weights; those weights exported to gs://."""
+  from conftest import shared_path
+  pth = shared_path("golden/tiny_posebh.pth")
+  gcs, bucket = gcs_emulator, gcs_bucket
+  cwd = str(tmp_path)
+  src, weights, artifact = (f"gs://{bucket}/in/tiny.pth", f"gs://{bucket}/converted",
+                            f"gs://{bucket}/export/coco_head.npz")
+  up = subprocess.run([sys.executable, "-c", f"from etils import epath; epath.Path({src!r})"
+                       f".write_bytes(open({str(pth)!r}, 'rb').read())"],
+                      env=_env(gcs), cwd=cwd, capture_output=True, text=True, timeout=120)
+  assert up.returncode == 0, up.stderr
+  out = _run(["posebh_jax.main_convert", f"--config={REPO}/configs/posebh.py:tiny_reference",
+              f"--pth={src}", f"--out={weights}"], gcs, cwd)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  stored = gcs.list_objects(bucket, "converted/")
+  assert any(o.startswith("converted/weights/") for o in stored)
+  assert any(o.startswith("converted/meta/") for o in stored)
+  script = textwrap.dedent(f"""\
+      import numpy as np
+      from configs import posebh
+      from posebh_jax import export, inference
+      p = inference.Predictor.from_checkpoint(posebh.get_config("tiny_reference"), {weights!r},
+                                              batch_size=2)
+      export.export_skeleton(p, "coco", {artifact!r})
+      loaded = export.load_exported({artifact!r})
+      crops = np.zeros((1, 256, 192, 3), np.float32)
+      print(np.asarray(loaded(crops, np.array([[96.0, 128.0]]), np.array([[0.96, 1.28]]))).shape)
+      """)
+  done = subprocess.run([sys.executable, "-c", script], env=_env(gcs), cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().splitlines()[-1] == "(1, 17, 3)"
+  assert "export/coco_head.npz" in gcs.list_objects(bucket, "export/")
+  _no_local_gs_folder(cwd)
