@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.bbox_padding = 1.25
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
   c.data.prefetch = 2
+  # Training images that are missing, undecodable (corrupt, truncated) or not their annotated
+  # size are skipped (a zero-weight stand-in, logged with the file); more than this many in one
+  # run of posebh-train stops it with a message naming the last one. -1: no limit.
+  c.data.max_bad_images = 100
   c.data.aug = ml_collections.ConfigDict(dict(
       flip=True, half_body_prob=0.3, num_joints_half_body=8, scale_factor=0.5,
       rot_factor=40.0, rot_prob=0.6))

@@ -6,6 +6,7 @@ order (images in file order, then each image's annotations in file order). Recor
 dicts of numpy arrays and Python scalars so that grain can pickle them to worker processes:
 
   image_path    str       path of the image file (`image_dir` joined with `file_name`)
+  image_wh      [2] i32   the image size (W, H) the annotation gives; decoding checks it (0 = unknown)
   image_id      int
   ann_id        int       the annotation's `id` (-1 for detection boxes)
   bbox_id       int       running index of the kept instances within their image (spec §4.3 step 5)
@@ -35,7 +36,8 @@ file and the record. Instances that are merely unusable are skipped and counted 
   invalid visibility      a visibility flag outside [0, 2]
   no labelled keypoint    all `keypoints` values zero, or `num_keypoints == 0` (COCO family)
   keypoint outside image  a labelled keypoint outside [0, W] × [0, H]
-  missing image file / corrupt image   (only with `check_images`; decoding only with `decode_images`)
+  missing image file / corrupt image / image size differs from annotation
+                          (only with `check_images`; decoding and size only with `decode_images`)
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ import collections
 import dataclasses
 import json
 import math
-import os
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from data_pipelines import storage
 from data_pipelines import transforms
 from data_pipelines.image_files import ImageChecker
 from data_pipelines.skeletons import SkeletonInfo
@@ -264,7 +266,8 @@ def read_coco_keypoints(
   for image_id, anns in by_image.items():
     img = images[image_id]
     size_wh = (float(img["width"]), float(img["height"]))
-    path = os.path.join(image_dir, img["file_name"])
+    path = storage.join(image_dir, img["file_name"])
+    image_wh = np.array([int(img["width"]), int(img["height"])], np.int32)
     bbox_id = 0
     for ann in anns:
       ann_id = ann.get("id", "?")
@@ -282,7 +285,7 @@ def read_coco_keypoints(
         else:
           problem = keypoint_problem(kpts, size_wh)
       if problem is None and (check_images or decode_images):
-        problem = checker(path).problem
+        problem = checker(path, expected_wh=tuple(image_wh)).problem
       if problem is not None:
         report.skip(problem)
         continue
@@ -291,7 +294,8 @@ def read_coco_keypoints(
       keypoints[:, 2] = ((keypoints[:, 2] > 0).astype(np.float32) if variant.visible_if_positive
                          else np.minimum(1.0, keypoints[:, 2]))  # Labelled-occluded is visible.
       record = dict(
-          image_path=path, image_id=int(image_id), ann_id=int(ann.get("id", -1)),
+          image_path=path, image_wh=image_wh, image_id=int(image_id),
+          ann_id=int(ann.get("id", -1)),
           bbox_id=bbox_id, dataset_index=int(dataset_index),
           category_id=int(ann.get("category_id", -1)), bbox_score=1.0,
           bbox=np.asarray(clean, np.float32), center=np.asarray(center, np.float32),

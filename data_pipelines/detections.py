@@ -21,7 +21,6 @@ evaluation only needs (image_id, bbox_id) to be unique). `ann_id` is -1 (no anno
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ import numpy as np
 from data_pipelines import transforms
 from data_pipelines.coco_reader import (AnnotationError, ReadReport, box_problem, image_table,
                                         load_json)
+from data_pipelines import storage
 from data_pipelines.image_files import ImageChecker
 from data_pipelines.skeletons import SkeletonInfo
 
@@ -96,9 +96,11 @@ def read_detections(
       problem = "image not in annotation file"
     else:
       _, problem = box_problem(det["bbox"], float(img["width"]), float(img["height"]))
-    path = os.path.join(image_dir, img["file_name"]) if img is not None else ""
+    path = storage.join(image_dir, img["file_name"]) if img is not None else ""
+    image_wh = (np.array([int(img["width"]), int(img["height"])], np.int32) if img is not None
+                else np.zeros(2, np.int32))
     if problem is None and (check_images or decode_images):
-      problem = checker(path).problem
+      problem = checker(path, expected_wh=tuple(image_wh)).problem
     if problem is not None:
       report.skip(problem)
       continue
@@ -108,7 +110,8 @@ def read_detections(
     bbox_id = next_bbox_id.get(image_id, 0)
     next_bbox_id[image_id] = bbox_id + 1
     records.append(dict(
-        image_path=path, image_id=int(image_id), ann_id=-1, bbox_id=bbox_id,
+        image_path=path, image_wh=image_wh, image_id=int(image_id), ann_id=-1,
+        bbox_id=bbox_id,
         dataset_index=int(dataset_index), category_id=PERSON_CATEGORY_ID,
         bbox_score=float(np.float32(score)), bbox=box.astype(np.float32),
         center=np.asarray(center, np.float32), scale=np.asarray(scale, np.float32),

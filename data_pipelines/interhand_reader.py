@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import storage, transforms
 from data_pipelines.coco_reader import AnnotationError, ReadReport, image_table, load_json
 from data_pipelines.image_files import ImageChecker
 from data_pipelines.skeletons import SkeletonInfo
@@ -136,7 +136,7 @@ def read_interhand2d(
                             f"flags, got {world.shape} and {valid.shape}")
     xy = project(world, *_camera(cameras, capture, str(img["camera"]), camera_path))
     xy, valid = xy.reshape(2, JOINTS_PER_HAND, 2), valid.reshape(2, JOINTS_PER_HAND)
-    path = os.path.join(image_dir, img["file_name"])
+    path = storage.join(image_dir, img["file_name"])
     for h, hand in enumerate(HANDS):
       v = valid[h] * valid[h][-1]  # No valid root (wrist, last): the whole hand is invalid.
       if v.sum() <= MIN_VALID_JOINTS:

@@ -24,13 +24,13 @@ checked: its size is read from the file header) and missing / corrupt images are
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from data_pipelines import transforms
 from data_pipelines.coco_reader import AnnotationError, ReadReport, keypoint_problem, load_json
+from data_pipelines import storage
 from data_pipelines.image_files import ImageChecker
 from data_pipelines.skeletons import SkeletonInfo
 
@@ -93,7 +93,7 @@ def read_mpii(
   records = []
   for i, a in enumerate(data):
     joints, vis, center_raw, scale_raw = _entry_arrays(a, k, ann_path, i)
-    path = os.path.join(image_dir, a["image"])
+    path = storage.join(image_dir, a["image"])
     size_wh = None
     problem = None
     if not (np.all(np.isfinite(center_raw)) and math.isfinite(scale_raw) and scale_raw > 0):
@@ -114,7 +114,9 @@ def read_mpii(
     bbox = np.array([center[0] - side / 2, center[1] - side / 2, side, side], np.float32)
     image_id = image_ids.setdefault(a["image"], len(image_ids))
     records.append(dict(
-        image_path=path, image_id=image_id, ann_id=i, bbox_id=i,
+        image_path=path,
+        image_wh=np.array(size_wh if size_wh is not None else (0, 0), np.int32),
+        image_id=image_id, ann_id=i, bbox_id=i,
         dataset_index=int(dataset_index), category_id=1, bbox_score=1.0, bbox=bbox,
         center=center, scale=scale, keypoints=kpts.astype(np.float32)))
   report.kept = len(records)

@@ -8,6 +8,8 @@ keypoint count over the mixed datasets, 133 with COCO-WholeBody):
   target_weight  [K_max]           f32  1 for labelled, in-crop keypoints of the sample's skeleton
   skeleton_mask  [K_max]           f32  1 for channels that exist in the sample's skeleton
   dataset_index  []                i32  which dataset (= expert, head, prototype range)
+  skipped        []                f32  1 if the record's image was unusable (a blank, zero-weight
+                                        stand-in; counted by the train loop), else 0
 
 With `TopDownConfig.host_targets=False` the heatmaps are left to the accelerator
 (`device_targets.dataset_targets`) and `target`/`target_weight` are replaced by
@@ -29,6 +31,7 @@ Sources are in-memory record lists or any random-access sequence of the same rec
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -38,46 +41,16 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data_pipelines import image_files
 from data_pipelines import transforms
 from data_pipelines.skeletons import SkeletonInfo, SkeletonLayout
 
 ENCODINGS = ("udp", "msra")
 
 
-class ImageError(IOError):
-  """An image that is missing or cannot be decoded; names the file and the record."""
-
-
-def _describe(record: Mapping[str, Any]) -> str:
-  return (f"dataset {record.get('dataset_index', '?')}, image_id {record.get('image_id', '?')}, "
-          f"ann_id {record.get('ann_id', '?')}")
-
-
-def _load_bgr(record: Mapping[str, Any]) -> np.ndarray:
-  """The record's image as OpenCV reads it: BGR uint8 [H, W, 3].
-
-  From `image_bytes` (encoded file, e.g. a TFDS record) if present, else from `image_path`;
-  `cv2.imdecode` and `cv2.imread` share one decoder, so both give the same pixels.
-  """
-  if "image_bytes" in record:
-    data = record["image_bytes"]
-    if isinstance(data, np.ndarray) and data.dtype != np.uint8:
-      data = data.item()  # A 0-d object/bytes array, as data sources may return.
-    image = None
-    if len(data):
-      image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-      raise ImageError(
-          f"cannot decode the image bytes of {record.get('image_path', '<no path>')} "
-          f"({_describe(record)}): corrupt or empty ({len(data)} bytes)")
-    return image
-  if "image_path" not in record:
-    raise ImageError(f"record without image_path or image_bytes ({_describe(record)})")
-  path = record["image_path"]
-  image = cv2.imread(path, cv2.IMREAD_COLOR)
-  if image is None:
-    raise ImageError(f"cannot read image {path} ({_describe(record)}): missing or corrupt file")
-  return image
+# One error type and one read-then-decode path for every caller (see `image_files`).
+ImageError = image_files.ImageError
+_load_bgr = image_files.load_record_bgr
 
 
 def load_image(record: Mapping[str, Any]) -> np.ndarray:
@@ -228,9 +201,35 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
       out["joint_vis"][:k] = vis
     return out
 
+  def skipped_example(self, d: int) -> dict[str, Any]:
+    """The stand-in for a record whose image is unusable: a blank crop that teaches nothing
+    (zero heatmaps and weights, so no heatmap loss and no prototype pixel) with `skipped` = 1.
+
+    Batches keep their static shape; the train loop counts the skips (`skipped`).
+    """
+    cfg = self.cfg
+    k = cfg.layout.skeletons[d].num_keypoints
+    crop = np.zeros((*cfg.image_size_hw, 3), np.uint8)
+    out = self.example(d, crop, np.zeros((k, 2), np.float32), np.zeros((k,), np.float32))
+    out["image"] = np.zeros_like(out["image"])
+    out["skipped"] = np.float32(1)
+    return out
+
   def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    crop, joints, vis = self.augmented_crop(record, _load_bgr(record), rng)
-    return self.example(int(record["dataset_index"]), crop, joints, vis)
+    """One training example (see the module docstring), with `skipped` [] f32: 0, or 1 where the
+    record's image is missing, undecodable or not its annotated size (logged with the file;
+    the example is `skipped_example`). Training never stops on one bad file; the loop stops
+    at `data.max_bad_images`."""
+    d = int(record["dataset_index"])
+    try:
+      image = _load_bgr(record)
+    except ImageError as e:
+      logging.getLogger("posebh").warning("skipping a training sample: %s", e)
+      return self.skipped_example(d)
+    crop, joints, vis = self.augmented_crop(record, image, rng)
+    out = self.example(d, crop, joints, vis)
+    out["skipped"] = np.float32(0)
+    return out
 
 
 class TopDownEvalTransform(grain.transforms.Map):

@@ -20,7 +20,8 @@ Why per instance, with the image's original encoded bytes in every instance:
   regions would make decoding cheaper but need re-encoding (lossy, or large if lossless) and a
   crop large enough for the scale/rotation/half-body augmentation; not done.
 
-Example features: `image_bytes` (encoded file), `image_path` (where the bytes came from), the
+Example features: `image_bytes` (encoded file), `image_path` (where the bytes came from),
+`image_wh` (the annotated size, checked when the bytes are decoded; 0 = unknown), the
 ids (`image_id`, `ann_id`, `bbox_id`, `category_id`, `dataset_index`), `bbox_score`, `bbox` [4],
 `center` [2], `scale` [2], `keypoints` [K, 3]. The builder stores the reference dataset index
 (spec §4.1 order) and no centre jitter; `TfdsRecords` overrides the index with the experiment's
@@ -35,7 +36,9 @@ centre/scale were computed with (checked on reading).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipelines import readers
+from data_pipelines import storage
 from data_pipelines.coco_reader import ReadReport, jitter_center
 from data_pipelines.image_files import read_bytes
 from data_pipelines.skeletons import REAL_SKELETONS, SkeletonInfo
@@ -108,8 +112,9 @@ _STANDARD: dict[str, KeypointsConfig] = {}  # Filled below from PosebhKeypoints.
 class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
   """Top-down pose instances of one real dataset (config = annotation format)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Per-instance records with encoded image bytes.",
+                   "1.1.0": "image_wh: the annotated image size, checked when decoding."}
   BUILDER_CONFIGS = [KeypointsConfig(name=f, description=f"{f} keypoint instances", format=f,
                                      num_keypoints=REAL_SKELETONS[f].num_keypoints)
                      for f in readers.FORMATS if f in REAL_SKELETONS]
@@ -155,6 +160,7 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
             "image_path": tfds.features.Text(),
+            "image_wh": tfds.features.Tensor(shape=(2,), dtype=np.int32),
             "image_id": scalar(dtype=np.int64),
             "ann_id": scalar(dtype=np.int64),
             "bbox_id": scalar(dtype=np.int64),
@@ -207,9 +213,11 @@ class PosebhKeypoints(tfds.core.GeneratorBasedBuilder):
       if r["image_path"] != path:  # Records come grouped by image: read each file once in a row.
         path, data = r["image_path"], read_bytes(r["image_path"])
       yield i, {
-          "image_bytes": data, "image_path": path,
-          **{k: r[k] for k in ("image_id", "ann_id", "bbox_id", "category_id", "dataset_index",
-                               "bbox_score", "bbox", "center", "scale", "keypoints")}}
+          # The path is only for messages: names that are not UTF-8 are stored escaped.
+          "image_bytes": data, "image_path": storage.display(path),
+          **{k: r[k] for k in ("image_wh", "image_id", "ann_id", "bbox_id", "category_id",
+                               "dataset_index", "bbox_score", "bbox", "center", "scale",
+                               "keypoints")}}
 
 
 _STANDARD.update({c.name: c for c in PosebhKeypoints.BUILDER_CONFIGS})
@@ -232,14 +240,27 @@ def build(name: str, data_dir: str, splits: Mapping[str, SplitFiles], image_dir:
   `num_keypoints` (`builder_config`). If that dataset version is already under `data_dir`,
   TFDS reuses it and the reports are those stored at its build (from the metadata).
 
+  `data_dir` may be a URL (gs://...): ArrayRecord cannot write to object stores, so the build
+  goes to a local temporary directory and is then copied up (`dataset_info.json` last, so the
+  remote build counts as prepared only when complete); the returned builder reads the remote
+  copy.
+
   Raises:
     ValueError: an existing build lacks one of `splits` or was built with another
       `image_size_hw` / `padding` (delete it to rebuild); a bad name / format / count.
   """
-  builder = PosebhKeypoints(data_dir=data_dir, config=_config_arg(name, format, num_keypoints),
-                            splits=splits, image_dir=image_dir,
-                            image_size_hw=image_size_hw, padding=padding,
-                            det_bbox_thr=det_bbox_thr, decode_images=decode_images)
+  kwargs = dict(config=_config_arg(name, format, num_keypoints), splits=splits,
+                image_dir=image_dir, image_size_hw=image_size_hw, padding=padding,
+                det_bbox_thr=det_bbox_thr, decode_images=decode_images)
+  builder = PosebhKeypoints(data_dir=data_dir, **kwargs)
+  if storage.is_remote(data_dir) and not builder.is_prepared():
+    with tempfile.TemporaryDirectory(prefix="posebh-tfds-") as local_dir:
+      local = PosebhKeypoints(data_dir=local_dir, **kwargs)
+      local.download_and_prepare()
+      storage.upload_tree(os.fspath(local.data_dir), os.fspath(builder.data_dir),
+                          last=("dataset_info.json",))
+    builder = PosebhKeypoints(data_dir=data_dir, **kwargs)
+    builder.reports = local.reports
   builder.download_and_prepare()
   if not builder.reports:  # Reused: check it is the build that was asked for.
     meta = builder.info.metadata
@@ -340,6 +361,7 @@ def tfds_example_to_record(example: Mapping[str, Any], *, dataset_index: int | N
   path = example["image_path"]
   return dict(
       image_path=path.decode() if isinstance(path, bytes) else str(path),
+      image_wh=np.asarray(example["image_wh"], np.int32),
       image_bytes=bytes(example["image_bytes"]),
       image_id=int(example["image_id"]), ann_id=int(example["ann_id"]),
       bbox_id=int(example["bbox_id"]),

@@ -9,13 +9,12 @@ keypoint count (`data_pipelines.annotation_info`).
 
 from __future__ import annotations
 
-import ml_collections
-
 import os
 
+import ml_collections
 from etils import epath
 
-from data_pipelines import annotation_info, readers
+from data_pipelines import annotation_info, readers, storage
 from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
                                       resolve_skeleton)
 
@@ -60,7 +59,9 @@ def check_input_geometry(config: ml_collections.ConfigDict) -> None:
 
 
 def _join_root(root: str, path: str) -> str:
-  return path if not path or os.path.isabs(path) or "://" in path else os.path.join(root, path)
+  if not path or storage.is_remote(path) or os.path.isabs(path):
+    return path
+  return storage.join(root, path) if root else path
 
 
 def check_annotation_counts(config: ml_collections.ConfigDict, name: str,

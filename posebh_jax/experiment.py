@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import ml_collections
 
-from data_pipelines import coco_reader, pipeline, readers, tfds_builders
+from data_pipelines import coco_reader, pipeline, readers, storage, tfds_builders
 from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
                                       SkeletonLayout, resolve_skeleton)
 from data_pipelines.synthetic import generate as synthetic_generate
@@ -202,7 +202,7 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
     synthetic = tuple(e.skeleton for n, e in zip(names, entries) if is_generated(config, n, e))
     if synthetic:
       generated = synthetic_generate.generate_synthetic_datasets(
-          root or os.path.join(workdir, "synthetic_data"), num_train=syn.num_train,
+          root or storage.join(workdir, "synthetic_data"), num_train=syn.num_train,
           num_val=syn.num_val, seed=syn.seed, image_size=tuple(syn.image_size),
           skeletons=synthetic)
   out = []
@@ -219,7 +219,9 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
 
 def join_root(root: str, path: str) -> str:
   """`path` under `root` unless it is empty, absolute or a URL (gs://...)."""
-  return path if not path or os.path.isabs(path) or "://" in path else os.path.join(root, path)
+  if not path or storage.is_remote(path) or os.path.isabs(path):
+    return path
+  return storage.join(root, path)
 
 
 def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,

@@ -27,6 +27,7 @@ Serialization needs the `flatbuffers` package (jax imports it lazily).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Callable, Sequence
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import storage, transforms
 from posebh_jax.evaluation import predict as predict_lib
 
 FORMAT = "posebh-jax exported predictor"
@@ -118,13 +119,10 @@ def save_exported(path: str | os.PathLike, exported: jax.export.Exported, meta: 
                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
   for i, x in enumerate(weights):
     arrays[f"weight_{i}"] = np.asarray(x)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:  # A file object: np.savez would append ".npz" to a bare name.
-    np.savez(f, **arrays)
-  os.replace(tmp, path)  # A killed export never leaves a truncated artifact under `path`.
+  buf = io.BytesIO()  # A file object: np.savez would append ".npz" to a bare name.
+  np.savez(buf, **arrays)
+  # Atomic, local or gs://: a killed export never leaves a truncated artifact under `path`.
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -137,10 +135,10 @@ def load_exported(path: str | os.PathLike) -> ExportedPredictor:
       (the message names the file).
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f"no exported predictor at {path}")
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as data:
       meta = json.loads(data["meta"].tobytes().decode())
       if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"format {meta.get('format')!r} version {meta.get('format_version')!r},"

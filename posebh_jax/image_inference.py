@@ -8,6 +8,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+from data_pipelines import storage
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -21,7 +23,8 @@ class ImagesError(ValueError):
 
 
 def discover_images(spec: str) -> list[str]:
-  """The image files named by a comma list of files and folders, folders expanded and sorted.
+  """The image files named by a comma list of files and folders (local or gs://), folders
+  expanded and sorted.
 
   Raises:
     FileNotFoundError: an entry that does not exist, or a folder without images.
@@ -31,13 +34,13 @@ def discover_images(spec: str) -> list[str]:
   for entry in (e.strip() for e in spec.split(",")):
     if not entry:
       continue
-    if os.path.isdir(entry):
-      found = sorted(os.path.join(entry, f) for f in os.listdir(entry)
+    if storage.is_dir(entry):
+      found = sorted(storage.join(entry, f) for f in storage.listdir(entry)
                      if f.lower().endswith(IMAGE_EXTENSIONS))
       if not found:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {entry}")
       paths.extend(found)
-    elif os.path.isfile(entry):
+    elif storage.is_file(entry):
       paths.append(entry)
     else:
       raise FileNotFoundError(f"no such image or folder: {entry}")
@@ -45,11 +48,17 @@ def discover_images(spec: str) -> list[str]:
     raise FileNotFoundError(f"--images={spec!r} names no images")
   stems: dict[str, str] = {}
   for p in paths:
-    stem = os.path.splitext(os.path.basename(p))[0]
+    stem = _stem(p)
     if stem in stems:
-      raise ImagesError(f"{stems[stem]} and {p} would both write {stem}.json/.png")
+      raise ImagesError(f"{storage.display(stems[stem])} and {storage.display(p)} would both "
+                        f"write {storage.display(stem)}.json/.png")
     stems[stem] = p
   return paths
+
+
+def _stem(path: str) -> str:
+  """The file name without its extension (local path or URL)."""
+  return os.path.splitext(storage.basename(path))[0]
 
 
 def load_boxes(path: str, *, det_category: int = 1, score_thr: float = 0.0
@@ -65,11 +74,10 @@ def load_boxes(path: str, *, det_category: int = 1, score_thr: float = 0.0
   """
   from posebh_jax.inference import parse_box
 
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f"no such boxes file: {path}")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise BoxesFileError(f"boxes file {path}: not valid JSON ({e})") from None
 
@@ -96,7 +104,7 @@ def load_boxes(path: str, *, det_category: int = 1, score_thr: float = 0.0
         raise BoxesFileError(f"boxes file {path}: record {name!r}: expected a list of boxes, "
                              f"got {type(boxes).__name__}")
       for i, box in enumerate(boxes):
-        add(os.path.basename(name), box, f"record {name!r} box {i}")
+        add(storage.basename(name), box, f"record {name!r} box {i}")
   elif isinstance(data, list):
     for i, det in enumerate(data):
       if not isinstance(det, dict) or "bbox" not in det or "image_id" not in det:
@@ -119,7 +127,7 @@ def load_boxes(path: str, *, det_category: int = 1, score_thr: float = 0.0
 def boxes_for(table: Mapping[str | int, list[list[float]]], image_path: str
               ) -> list[list[float]]:
   """The boxes of one image: by file name, else by the image id in its name; none if absent."""
-  name = os.path.basename(image_path)
+  name = storage.basename(image_path)
   if name in table:
     return table[name]
   stem = os.path.splitext(name)[0]
@@ -138,7 +146,7 @@ def pose_json(image_path: str, size_hw: tuple[int, int], poses: Sequence[Mapping
     inst["poses"][p["skeleton"]] = [
         dict(name=n, x=round(float(x), 2), y=round(float(y), 2), score=round(float(s), 4))
         for n, (x, y, s) in zip(p["keypoint_names"], p["keypoints"])]
-  return dict(image=image_path, height=size_hw[0], width=size_hw[1], through=through,
+  return dict(image=storage.display(image_path), height=size_hw[0], width=size_hw[1], through=through,
               flip_test=flip_test, skeletons=list(skeletons),
               instances=[instances[i] for i in sorted(instances)])
 
@@ -147,8 +155,8 @@ def infer_images(predictor, image_paths: Sequence[str],
                  boxes: Mapping[str | int, list[list[float]]] | None, skeletons: Sequence[str],
                  through: str, out_dir: str, *, score_thr: float = 0.3,
                  overlay_max_side: int = 0) -> dict[str, Any]:
-  """Predicts, writes `<out_dir>/<stem>.json` and `.png` per image; unreadable images are
-  skipped and listed.
+  """Predicts, writes `<out_dir>/<stem>.json` and `.png` per image (local or gs://); unreadable
+  images are skipped and listed.
 
   Returns:
     {"written": [json paths], "failed": [error messages]}.
@@ -156,7 +164,7 @@ def infer_images(predictor, image_paths: Sequence[str],
   from data_pipelines.pipeline import ImageError
   from posebh_jax import inference, visualize
 
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   written, failed = [], []
   for path in image_paths:
     try:
@@ -166,11 +174,9 @@ def infer_images(predictor, image_paths: Sequence[str],
       continue
     image_boxes = None if boxes is None else boxes_for(boxes, path)
     poses = predictor.predict(rgb, image_boxes, skeletons, through=through)
-    stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
+    stem = storage.join(out_dir, _stem(path))
     doc = pose_json(path, rgb.shape[:2], poses, skeletons, through, predictor.core.flip_test)
-    with open(stem + ".json.tmp", "w") as f:
-      json.dump(doc, f, indent=1)
-    os.replace(stem + ".json.tmp", stem + ".json")
+    storage.write_text(stem + ".json", json.dumps(doc, indent=1))  # Atomic.
     visualize.save_overlay(stem + ".png", rgb, poses, score_thr=score_thr,
                            max_side=overlay_max_side or None)
     written.append(stem + ".json")

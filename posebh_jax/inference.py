@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline, transforms
+from data_pipelines import image_files, pipeline, storage, transforms
 from posebh_jax import experiment
 from posebh_jax.evaluation import predict as predict_lib
 
@@ -54,14 +54,24 @@ def skeleton_index(config: ml_collections.ConfigDict, name: str) -> int:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-  """The image at `path` as RGB uint8 `[H, W, 3]`.
+  """The image at `path` (local or gs://) as RGB uint8 `[H, W, 3]`, read and decoded like every
+  training image (`image_files`: bytes first, so any file name works; truncated files fail).
 
   Raises:
-    pipeline.ImageError: the file is missing or does not decode (the message names it).
+    pipeline.ImageError: the file is missing, unreadable or does not decode (the message names
+      it).
   """
-  image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+  path = os.fspath(path)
+  shown = storage.display(path)
+  try:
+    data = storage.read_bytes(path)
+  except OSError as e:
+    raise pipeline.ImageError(f"cannot read image {shown}: "
+                              f"{e.strerror or type(e).__name__}") from None
+  image = image_files.decode_bgr(data)
   if image is None:
-    raise pipeline.ImageError(f"cannot read image {os.fspath(path)}: missing or corrupt file")
+    raise pipeline.ImageError(f"cannot decode image {shown}: corrupt, truncated or empty "
+                              f"({len(data)} bytes)")
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -144,14 +154,16 @@ class Predictor:
     model = experiment.build_model(config, layout)
     mesh = kwargs.get("mesh")
     placement = sharding_lib.replicated(mesh) if mesh is not None else None
-    if os.path.isdir(os.path.join(path, "weights")) and os.path.isdir(os.path.join(path, "meta")):
+    path = os.fspath(path)
+    if (storage.is_dir(storage.join(path, "weights"))
+        and storage.is_dir(storage.join(path, "meta"))):
       if step is not None:
         raise ValueError("step selects a workdir checkpoint; converted weights have none")
       w, _ = weights_lib.load_weights(
           path, model, num_prototype_keypoints=layout.total_keypoints,
           num_in_class=config.model.proto.num_in_class, sharding=placement)
       return cls(config, w.params, w.batch_stats, w.prototypes, **kwargs)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.is_dir(storage.join(path, "checkpoints")):
       params, batch_stats, prototypes = restore_checkpoint(config, path, step, mesh)
       return cls(config, params, batch_stats, prototypes, **kwargs)
     raise FileNotFoundError(f"{path}: neither converted weights (weights/ and meta/, as written "
@@ -276,7 +288,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: in
   from posebh_jax.train import loop
   from posebh_jax.train import sharding as sharding_lib
 
-  if not os.path.isdir(os.path.join(os.path.abspath(workdir), "checkpoints")):
+  if not storage.is_dir(storage.join(storage.absolute(workdir), "checkpoints")):
     raise FileNotFoundError(f"no checkpoints in {workdir}")  # Before orbax creates the dir.
   layout = experiment.build_layout(config)
   model = experiment.build_model(config, layout)

@@ -39,7 +39,7 @@ def main(argv) -> None:
     distributed.initialize_distributed(config.distributed)
   try:
     loop.train_and_evaluate(config, _WORKDIR.value)
-  except (loop.NonFiniteLossError, config_checks.ConfigError) as e:
+  except (loop.NonFiniteLossError, loop.TooManyBadImagesError, config_checks.ConfigError) as e:
     # The diagnosis is the message (which terms, last good checkpoint); no traceback needed.
     print(f"posebh-train: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.skeletons import Color, SkeletonInfo, get_skeleton
 
 _DEFAULT_KEYPOINT: Color = (255, 255, 0)
@@ -99,9 +100,18 @@ def save_overlay(path: str | os.PathLike, image: np.ndarray,
     f = max_side / max(overlay.shape[:2])
     size_wh = (max(1, round(overlay.shape[1] * f)), max(1, round(overlay.shape[0] * f)))
     overlay = cv2.resize(overlay, size_wh, interpolation=cv2.INTER_AREA)
-  parent = os.path.dirname(path)
-  if parent:
-    os.makedirs(parent, exist_ok=True)
-  if not cv2.imwrite(path, cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)):
-    raise OSError(f"could not write the overlay {path} (a .png path in a writable directory?)")
+  # Encode in memory, then write the bytes: cv2.imwrite takes neither URLs (gs://) nor file
+  # names that are not UTF-8.
+  ext = os.path.splitext(storage.basename(path))[1] or ".png"
+  try:
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+  except cv2.error:
+    ok = False
+  if not ok:
+    raise OSError(f"could not encode the overlay {storage.display(path)} (a .png path?)")
+  try:
+    storage.write_bytes(path, buf.tobytes())
+  except OSError as e:
+    raise OSError(f"could not write the overlay {storage.display(path)}: "
+                  f"{e.strerror or e}") from None
   return path

@@ -42,3 +42,23 @@ def tiny_weights(tmp_path_factory) -> str:
   convert_checkpoint(posebh_configs.get_config("tiny_reference"),
                      str(shared_path("golden/tiny_posebh.pth")), str(out))
   return str(out)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """fake-gcs-server on 127.0.0.1 (a free port) for the session; stopped at its end.
+
+  Use `gcs_emulator.env` for the subprocesses under test and `gcs_bucket` for a fresh bucket.
+  """
+  from gcs_emulator import GcsEmulator
+  emulator = GcsEmulator.start()
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator) -> str:
+  """A new, empty bucket on the session's emulator (tests never see each other's objects)."""
+  return gcs_emulator.create_bucket()

@@ -7,6 +7,8 @@ settings of spec §4.1 (UDP for COCO and MPII, no half-body for MPII) and K = 14
 
 import collections
 import json
+import logging
+import re
 
 import cv2
 import jax
@@ -115,12 +117,19 @@ def test_global_batch_is_sharded_over_the_data_axis():
   np.testing.assert_array_equal(np.asarray(batch["x"])[:, 0], np.arange(16))
 
 
-def test_corrupt_or_missing_image_names_file_and_record(sources, tmp_path):
+def test_corrupt_or_missing_image_names_file_and_record(sources, tmp_path, caplog):
   bad = dict(sources[0][0])
   bad["image_path"] = str(tmp_path / "broken.jpg")
   (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-  with pytest.raises(pipeline.ImageError, match=r"broken.jpg .*ann_id"):
-    pipeline.TopDownTrainTransform(_cfg()).random_map(bad, np.random.default_rng(0))
+  # Training: a counted skip (a blank, zero-weight stand-in flagged `skipped`), logged by name.
+  with caplog.at_level(logging.WARNING, logger="posebh"):
+    ex = pipeline.TopDownTrainTransform(_cfg()).random_map(bad, np.random.default_rng(0))
+  assert ex["skipped"] == 1 and not ex["target_weight"].any() and not ex["image"].any()
+  assert re.search(r"skipping a training sample: cannot decode image .*broken.jpg .*ann_id",
+                   caplog.text)
+  good = pipeline.TopDownTrainTransform(_cfg()).random_map(sources[0][0], np.random.default_rng(0))
+  assert good["skipped"] == 0 and set(good) == set(ex)
+  # Evaluation: a clear error naming the file.
   bad["image_path"] = str(tmp_path / "gone.jpg")
   with pytest.raises(pipeline.ImageError, match="gone.jpg"):
     pipeline.TopDownEvalTransform(_cfg()).map(bad)

@@ -8,7 +8,7 @@ same body type, so accuracy on keypoints a dataset does not annotate can be meas
 
 Layout under `out_dir`:
 
-  <name>/images/<split>_<000123>.jpg
+  <name>/images/<split>_<000123>.jpg        (out_dir may be local or gs://)
   <name>/annotations/{train,val}.json
   manifest.json          written last; its presence with equal parameters means "done"
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import re
 import time
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines.skeletons import SYNTHETIC_SKELETONS
 from data_pipelines.synthetic import render
 
@@ -44,11 +44,8 @@ _CATEGORY = {render.BIPED: "person", render.QUADRUPED: "animal"}
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Writes atomically: readers never see a half-written file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(json.dumps(obj, separators=(",", ":")))  # dumps uses the C encoder, dump does not.
-  os.replace(tmp, path)
+  """Writes atomically (local or gs://): readers never see a half-written file."""
+  storage.write_text(path, json.dumps(obj, separators=(",", ":")))  # dumps: the C encoder.
 
 
 def _flat_keypoints(keypoints: dict[str, tuple[float, float, int]],
@@ -80,10 +77,8 @@ def _render_job(job: tuple[str, str, int, int, int, int, tuple[int, int]]) -> di
   ok, buf = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
   if not ok:
     raise RuntimeError(f"JPEG encoding failed for {path}")
-  tmp = f"{path}.tmp{os.getpid()}"  # Atomic, so a concurrent identical run never shows torn files.
-  with open(tmp, "wb") as f:
-    f.write(buf.tobytes())
-  os.replace(tmp, path)
+  # Atomic (local or gs://), so a concurrent identical run never shows torn files.
+  storage.write_bytes(path, buf.tobytes())
   full = {s: _flat_keypoints(sample.keypoints, SYNTHETIC_SKELETONS[s].keypoint_names)
           for s in _same_body(name)}
   kpts = full[name]
@@ -112,21 +107,20 @@ def _coco_file(name: str, split: str, anns: list[dict[str, Any]],
 
 
 def _paths(out_dir: str, name: str) -> dict[str, str]:
-  root = os.path.join(out_dir, name)
-  return dict(train=os.path.join(root, "annotations", "train.json"),
-              val=os.path.join(root, "annotations", "val.json"),
-              image_dir=os.path.join(root, "images"))
+  root = storage.join(out_dir, name)
+  return dict(train=storage.join(root, "annotations", "train.json"),
+              val=storage.join(root, "annotations", "val.json"),
+              image_dir=storage.join(root, "images"))
 
 
 def _up_to_date(out_dir: str, params: dict[str, Any], names: Sequence[str]) -> bool:
   try:
-    with open(os.path.join(out_dir, MANIFEST)) as f:
-      manifest = json.load(f)
+    manifest = json.loads(storage.read_text(storage.join(out_dir, MANIFEST)))
   except (OSError, ValueError):
     return False
   if manifest.get("params") != params:
     return False
-  return all(os.path.isfile(_paths(out_dir, n)[s]) for n in names for s in SPLITS)
+  return all(storage.is_file(_paths(out_dir, n)[s]) for n in names for s in SPLITS)
 
 
 def generate_synthetic_datasets(
@@ -141,7 +135,7 @@ def generate_synthetic_datasets(
   images and annotation files are complete, so an interrupted run is redone next time.
 
   Args:
-    out_dir: output root.
+    out_dir: output root, local or a URL (gs://...).
     num_train: images in each dataset's train split.
     num_val: images in each dataset's val split.
     seed: base seed; each image uses `default_rng([seed, dataset, split, index])`, where dataset
@@ -167,7 +161,7 @@ def generate_synthetic_datasets(
   if h < 16 or w < 16:
     raise ValueError(f"image_size must be at least 16x16, got {image_size}")
 
-  out_dir = os.path.abspath(out_dir)
+  out_dir = storage.absolute(out_dir)
   params = dict(generator_version=GENERATOR_VERSION, num_train=int(num_train),
                 num_val=int(num_val), seed=int(seed), image_size=[h, w], skeletons=names,
                 jpeg_quality=JPEG_QUALITY)
@@ -176,19 +170,19 @@ def generate_synthetic_datasets(
     return result
 
   start = time.time()
-  os.makedirs(out_dir, exist_ok=True)
-  manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)
+  storage.makedirs(out_dir)
+  manifest_path = storage.join(out_dir, MANIFEST)
+  if storage.exists(manifest_path):
+    storage.remove(manifest_path)
 
   counts = dict(train=int(num_train), val=int(num_val))
   jobs = []
   for n in names:
     paths = result[n]
-    os.makedirs(paths["image_dir"], exist_ok=True)
-    os.makedirs(os.path.dirname(paths["train"]), exist_ok=True)
+    storage.makedirs(paths["image_dir"])
+    storage.makedirs(storage.dirname(paths["train"]))
     for split_index, split in enumerate(SPLITS):
-      jobs += [(os.path.join(paths["image_dir"], f"{split}_{i:06d}.jpg"), n, int(seed),
+      jobs += [(storage.join(paths["image_dir"], f"{split}_{i:06d}.jpg"), n, int(seed),
                 known.index(n), split_index, i, (h, w)) for i in range(counts[split])]
 
   if num_workers > 0 and len(jobs) > 1:
@@ -206,7 +200,7 @@ def generate_synthetic_datasets(
       pos += k
     _remove_stale_images(result[n]["image_dir"], counts)
 
-  datasets = {n: {k: os.path.relpath(p, out_dir) for k, p in result[n].items()} for n in names}
+  datasets = {n: {k: p[len(out_dir):].lstrip("/") for k, p in result[n].items()} for n in names}
   manifest = dict(params=params, datasets=datasets, seconds=round(time.time() - start, 2))
   _write_json(manifest_path, manifest)
   return result
@@ -214,11 +208,15 @@ def generate_synthetic_datasets(
 
 def _remove_stale_images(image_dir: str, counts: dict[str, int]) -> None:
   """Deletes images of an earlier, larger generation (only files named like ours)."""
-  for f in os.listdir(image_dir):
+  try:
+    names = storage.listdir(image_dir)
+  except FileNotFoundError:  # Nothing written (no images asked for; object stores).
+    return
+  for f in names:
     if _IMAGE_NAME.match(f):
       split, index = f[:-4].split("_")
       if int(index) >= counts[split]:
-        os.remove(os.path.join(image_dir, f))
+        storage.remove(storage.join(image_dir, f))
 
 
 def summarize(paths: dict[str, dict[str, str]]) -> str:
@@ -226,8 +224,7 @@ def summarize(paths: dict[str, dict[str, str]]) -> str:
   lines = []
   for name, p in paths.items():
     for split in SPLITS:
-      with open(p[split]) as f:
-        data = json.load(f)
+      data = json.loads(storage.read_text(p[split]))
       v = np.array([a["keypoints"][2::3] for a in data["annotations"]]).reshape(-1)
       frac = [float(np.mean(v == k)) if v.size else 0.0 for k in (2, 1, 0)]
       lines.append(f"{name:12s} {split:5s} {len(data['images']):6d} images  visible {frac[0]:.3f}"
@@ -237,7 +234,7 @@ def summarize(paths: dict[str, dict[str, str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--out", required=True, help="output directory (local or gs://...)")
   parser.add_argument("--num_train", type=int, default=2000)
   parser.add_argument("--num_val", type=int, default=200)
   parser.add_argument("--seed", type=int, default=0)
@@ -248,8 +245,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   names = tuple(n for n in args.skeletons.split(",") if n)
-  manifest_path = os.path.join(args.out, MANIFEST)
-  before = os.path.getmtime(manifest_path) if os.path.exists(manifest_path) else None
+  manifest_path = storage.join(args.out, MANIFEST)
+  # The manifest records the generation time: unchanged content means nothing was written.
+  before = storage.read_text(manifest_path) if storage.exists(manifest_path) else None
   start = time.time()
   paths = generate_synthetic_datasets(
       args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
@@ -257,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   seconds = time.time() - start
   print(summarize(paths))
   total = (args.num_train + args.num_val) * len(names)
-  if before is not None and os.path.getmtime(manifest_path) == before:
+  if before is not None and storage.read_text(manifest_path) == before:
     print(f"{args.out} is up to date ({total} images); nothing written")
   else:
     print(f"generated {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} images/s)")

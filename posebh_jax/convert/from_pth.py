@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
+
+from data_pipelines import storage
 
 if TYPE_CHECKING:
   from posebh_jax.models.posebh import PoseBHModel
@@ -140,15 +143,16 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
   from posebh_jax.convert import pth_reader, torch_to_flax
   from posebh_jax.convert import weights as weights_lib
 
-  pth_path = os.path.abspath(pth_path)
-  out_dir = os.path.abspath(out_dir)
-  if not os.path.isfile(pth_path):
+  # Local paths or URLs (gs://...): never os.path on them.
+  pth_path = storage.absolute(pth_path)
+  out_dir = storage.absolute(out_dir)
+  if not storage.is_file(pth_path):
     raise FileNotFoundError(f"{pth_path}: no such checkpoint file")
-  if os.path.exists(out_dir) and not overwrite:  # Fail before the slow part.
+  if storage.exists(out_dir) and not overwrite:  # Fail before the slow part.
     raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
 
   try:
-    checkpoint = pth_reader.load_pth(pth_path)
+    checkpoint = _load_pth(pth_reader, pth_path)
   except ValueError as e:
     raise ConversionError(str(e)) from e
   state_dict, where = extract_state_dict(checkpoint, pth_path)
@@ -232,6 +236,21 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
       extras=dict(prototypes=shape(prototypes), cluster_prototypes=shape(cluster_prototypes),
                   cluster_keypoint=shape(cluster_keypoint)),
       initialised=initialised, ignored=ignored, notes=notes)
+
+
+def _load_pth(pth_reader, pth_path: str) -> Any:
+  """`pth_reader.load_pth` of a local file, or of a remote one through a local temporary copy
+  (the zip reader needs a seekable local file; the copy is deleted afterwards)."""
+  if not storage.is_remote(pth_path):
+    return pth_reader.load_pth(pth_path)
+  with tempfile.TemporaryDirectory(prefix="posebh-convert-") as tmp:
+    local = os.path.join(tmp, storage.basename(pth_path))
+    with open(local, "wb") as f:
+      f.write(storage.read_bytes(pth_path))
+    try:
+      return pth_reader.load_pth(local)
+    except ValueError as e:  # Name the file the user gave, not the temporary copy.
+      raise ValueError(str(e).replace(local, pth_path)) from None
 
 
 def convert_checkpoint(config: ml_collections.ConfigDict, pth_path: str, out_dir: str, *,

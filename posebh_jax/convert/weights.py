@@ -25,6 +25,7 @@ weights are first written completely beside the old ones and only then swapped i
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipelines import storage
 from posebh_jax.convert.torch_to_flax import expected_variables
 from posebh_jax.models.posebh import PoseBHModel
 from posebh_jax.train.checkpoint import CheckpointMismatchError
@@ -115,7 +117,7 @@ def save_weights(directory: str | epath.PathLike, weights: PretrainedWeights, me
   Raises:
     FileExistsError: `directory` exists and `overwrite` is False (nothing is touched).
   """
-  directory = epath.Path(directory).absolute()
+  directory = _absolute(directory)
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists (pass overwrite=True / --overwrite to "
                           "replace it)")
@@ -147,6 +149,12 @@ def save_weights(directory: str | epath.PathLike, weights: PretrainedWeights, me
   return directory
 
 
+def _absolute(directory: str | epath.PathLike) -> epath.Path:
+  """A local directory made absolute; a URL (gs://...) as it is (`epath.Path.absolute()` would
+  prefix the working directory to it)."""
+  return epath.Path(storage.absolute(os.fspath(directory)))
+
+
 def read_meta(directory: str | epath.PathLike) -> dict:
   """The JSON meta of converted weights (no arrays are read).
 
@@ -159,7 +167,7 @@ def read_meta(directory: str | epath.PathLike) -> dict:
 
 
 def _existing(directory: str | epath.PathLike) -> epath.Path:
-  directory = epath.Path(directory).absolute()
+  directory = _absolute(directory)
   if not (directory / "weights").is_dir() or not (directory / "meta").is_dir():
     what = "does not exist" if not directory.exists() else "holds no converted weights"
     raise FileNotFoundError(f"{directory} {what} (expected {directory}/weights and "

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +41,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import coco_reader, pipeline
+from data_pipelines import coco_reader, pipeline, storage
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.evaluation import (coco_metrics, evaluator, hand_metrics, mpii_metrics,
                                    predict)
@@ -297,8 +296,8 @@ class BenchmarkEvaluator:
       if p.metric == "coco_oks":
         path = None
         if results_dir is not None:
-          os.makedirs(results_dir, exist_ok=True)
-          path = os.path.join(results_dir, f"{p.name}_keypoints.json")
+          storage.makedirs(results_dir)
+          path = storage.join(results_dir, f"{p.name}_keypoints.json")
         out.append(score_coco(p, self.layout, preds, path))
       elif p.metric == "hand_pck":
         out.append(DatasetResult(p.name, "hand_pck", p.boxes, len(preds),
@@ -444,13 +443,9 @@ def metrics_dict(results: EvalResults, step: int) -> dict[str, Any]:
 
 
 def write_metrics(results: EvalResults, out_dir: str, step: int) -> str:
-  """Writes `<out_dir>/metrics_<step>.json` (atomically) and returns its path."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"metrics_{step}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(metrics_dict(results, step), f, indent=2, allow_nan=False)
-  os.replace(tmp, path)
+  """Writes `<out_dir>/metrics_<step>.json` (atomically; local or gs://) and returns its path."""
+  path = storage.join(out_dir, f"metrics_{step}.json")
+  storage.write_text(path, json.dumps(metrics_dict(results, step), indent=2, allow_nan=False))
   return path
 
 

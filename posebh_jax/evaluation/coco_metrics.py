@@ -47,6 +47,7 @@ from pycocotools.cocoeval import COCOeval
 
 from data_pipelines.coco_reader import (WHOLEBODY, WHOLEBODY_PART_SIZES, AnnotationError,
                                         load_json)
+from data_pipelines import storage
 from data_pipelines.skeletons import get_skeleton
 from posebh_jax.evaluation.nms import oks_nms, rescore_instances, soft_oks_nms
 
@@ -463,8 +464,7 @@ def evaluate_dataset(kind: str, gt: GroundTruth, predictions: Sequence[KeypointP
                          oks_thr=oks_thr, soft_nms=soft_nms, use_nms=use_nms)
   results = results_json(kept, kind, len(sigmas))
   if results_path is not None:
-    with open(results_path, 'w') as f:
-      json.dump(results, f, sort_keys=True, indent=4)
+    storage.write_text(results_path, json.dumps(results, sort_keys=True, indent=4))
   if protocol.wholebody:
     return wholebody_keypoint_eval(gt, results, sigmas)
   return coco_keypoint_eval(gt, results, sigmas, use_area=protocol.use_area)

@@ -9,7 +9,8 @@ MPII, box-normalised PCK for the synthetic data.
 from __future__ import annotations
 
 import logging
-import os
+
+from data_pipelines import storage
 
 EVAL_CLI_DIR = "eval_cli"  # Under a workdir: posebh-eval's outputs, apart from training's eval/.
 
@@ -24,7 +25,7 @@ def default_out_dir(workdir: str, datasets: str | list[str] | None, boxes: str) 
     tag = "+".join(n.strip() for n in names if n.strip()) or "all"
   if boxes != "config":
     tag += f"_{boxes}_boxes"
-  return os.path.join(workdir, EVAL_CLI_DIR, tag)
+  return storage.join(workdir, EVAL_CLI_DIR, tag)
 
 
 def _prepare(config, workdir: str, datasets, boxes: str):
@@ -77,8 +78,8 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
   from posebh_jax.train import checkpoint as checkpoint_lib
   from posebh_jax.train import loop
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(ckpt_dir):  # Check first: the checkpoint manager would create it.
+  ckpt_dir = storage.join(storage.absolute(workdir), "checkpoints")  # The workdir may be gs://.
+  if not storage.is_dir(ckpt_dir):  # Check first: the checkpoint manager would create it.
     raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
   layout, model, mesh, files, protocols = _prepare(config, workdir, datasets, boxes)
   ckpt = checkpoint_lib.Checkpointer(workdir)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, storage
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.evaluation import pck, predict
 
@@ -105,17 +104,14 @@ def format_table(results: Sequence[PairResult], thresholds: Sequence[float]) -> 
 
 
 def write_metrics(results: Sequence[PairResult], workdir: str, step: int) -> str:
-  """Writes `<workdir>/eval/metrics_<step>.json` (atomically) and returns its path."""
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  """Writes `<workdir>/eval/metrics_<step>.json` (atomically; local or gs://) and returns its
+  path."""
   per_dataset = {r.images: dict(num_instances=r.num_instances, **r.pck)
                  for r in results if r.images == r.skeleton}
   cross = {f"{r.images}->{r.skeleton}": dict(num_instances=r.num_instances, **r.pck,
                                              novel=r.pck_novel)
            for r in results if r.images != r.skeleton}
-  path = os.path.join(out_dir, f"metrics_{step}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(dict(step=step, per_dataset=per_dataset, cross_skeleton=cross), f, indent=2)
-  os.replace(tmp, path)
+  path = storage.join(workdir, "eval", f"metrics_{step}.json")
+  storage.write_text(path, json.dumps(dict(step=step, per_dataset=per_dataset,
+                                           cross_skeleton=cross), indent=2))
   return path

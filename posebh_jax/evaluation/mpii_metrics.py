@@ -15,6 +15,7 @@ are then reported under keys prefixed `approx_head/` so they cannot pass for the
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.io
 
+from data_pipelines import storage
 from data_pipelines.skeletons import get_skeleton
 from posebh_jax.evaluation.pck import keypoint_auc, keypoint_epe, keypoint_pck_accuracy
 
@@ -80,11 +82,14 @@ class MpiiGroundTruth:
 
 
 def load_mpii_gt_mat(path: str | os.PathLike) -> MpiiGroundTruth:
-  """Reads `mpii_gt_val.mat` (`dataset_joints`, `jnt_missing`, `pos_gt_src`, `headboxes_src`)."""
+  """Reads `mpii_gt_val.mat` (`dataset_joints`, `jnt_missing`, `pos_gt_src`, `headboxes_src`);
+  local or gs:// (read as bytes: scipy takes a file object)."""
   try:
-    mat = scipy.io.loadmat(os.fspath(path))
+    data = storage.read_bytes(path)
   except FileNotFoundError:
     raise FileNotFoundError(f'MPII ground truth not found: {path}') from None
+  try:
+    mat = scipy.io.loadmat(io.BytesIO(data))
   except Exception as e:  # scipy raises several types for files that are not .mat.
     raise ValueError(f'{path}: not a readable .mat file ({e})') from None
   missing = [k for k in ('dataset_joints', 'jnt_missing', 'pos_gt_src', 'headboxes_src')
@@ -121,8 +126,7 @@ def mpii_gt_from_json(annotations: str | os.PathLike | Sequence[dict[str, Any]],
   source = 'MPII annotations'
   if isinstance(annotations, (str, os.PathLike)):
     source = os.fspath(annotations)
-    with open(source) as f:
-      annotations = json.load(f)
+    annotations = json.loads(storage.read_text(source))
   joints, vis = [], []
   for i, rec in enumerate(annotations):
     try:

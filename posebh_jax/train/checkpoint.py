@@ -5,8 +5,9 @@
   meta   JSON describing what the state is (datasets and keypoint counts, model sizes), checked
          on restore so that a checkpoint of another model fails with a clear message
 
-orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves the previous checkpoints intact and loadable. Saves are asynchronous (the
+orbax writes each step into a temporary directory and renames it when complete (on gs://, where
+there is no atomic rename, it marks a finished step with `commit_success.txt` and ignores steps
+without it), so a process killed mid-save leaves the previous checkpoints intact and loadable. Saves are asynchronous (the
 step loop continues while the arrays are written); `max_to_keep` bounds the disk use.
 
 Preemption: `PreemptionWatch` turns SIGTERM (single process) into a flag, and asks orbax for
@@ -17,7 +18,6 @@ the loop checks it at every step boundary, saves, waits for the save, and stops 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from typing import Any
@@ -25,6 +25,9 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from data_pipelines import storage
 
 
 class CheckpointMismatchError(ValueError):
@@ -35,9 +38,10 @@ class Checkpointer:
   """Saves and restores (state, data iterator, meta) under `<workdir>/checkpoints`."""
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # A string, not os.path: the workdir may be a URL (gs://...), which orbax takes as it is.
+    self.directory = storage.join(storage.absolute(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        epath.Path(self.directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True),

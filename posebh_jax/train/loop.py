@@ -9,10 +9,8 @@ since the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -23,9 +21,11 @@ import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
 from data_pipelines import pipeline
+from data_pipelines import storage
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
+from posebh_jax.train import metrics_log
 from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
@@ -39,6 +39,32 @@ log = logging.getLogger("posebh")
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class TooManyBadImagesError(RuntimeError):
+  """More training images were unusable than `data.max_bad_images` allows."""
+
+
+def count_skipped_images(local_batch: dict[str, np.ndarray], seen: int, limit: int,
+                         step: int) -> int:
+  """Pops the batch's `skipped` flags ([B] f32, see `pipeline.TopDownTrainTransform`) and
+  returns the run's count of skipped samples so far.
+
+  Raises:
+    TooManyBadImagesError: the count exceeds `limit` (-1: no limit).
+  """
+  n = int(np.sum(local_batch.pop("skipped", 0)))
+  if n:
+    seen += n
+    log.warning("step %d: %d training sample(s) skipped for an unusable image (%d in this run; "
+                "the files are named in the warnings above)", step, n, seen)
+    if 0 <= limit < seen:
+      raise TooManyBadImagesError(
+          f"{seen} training samples had an unusable image (missing, corrupt, "
+          f"truncated or not their annotated size; each file is named in the warnings above), "
+          f"more than data.max_bad_images={limit}; fix or remove those images, or raise the "
+          f"limit. Checkpoints are intact; rerun to resume.")
+  return seen
 
 
 def step_config(config: ml_collections.ConfigDict, layout) -> step_lib.StepConfig:
@@ -238,11 +264,12 @@ def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
 
 
 def write_train_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
-  """TensorBoard scalars `train/<name>` and one JSON line in `<workdir>/train_metrics.jsonl`."""
+  """TensorBoard scalars `train/<name>` and one JSON line in `<workdir>/train_metrics.jsonl`
+  (local or gs://: `metrics_log` keeps every line on object stores too)."""
   for k, v in metrics.items():
     writer.add_scalar(f"train/{k}", v, step)
-  with open(os.path.join(workdir, "train_metrics.jsonl"), "a") as f:
-    f.write(json.dumps(dict(step=step, **metrics)) + "\n")
+  metrics_log.append_records(storage.join(workdir, "train_metrics.jsonl"),
+                             [dict(step=step, **metrics)])
 
 
 def _is_writer() -> bool:
@@ -255,8 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     {"step": final step, "train": last logged train metrics, "eval": evaluation results}.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  # Never os.path on the workdir: it may be a URL (gs://bucket/run), used as it is.
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
   t_start = time.time()
 
   # --- Layout, model ------------------------------------------------------------------------------
@@ -304,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = None
   if _is_writer():
     import tensorboardX  # Imported lazily: only process 0 writes events.
-    writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # tensorboardX writes gs:// itself (google-cloud-storage, no TensorFlow).
+    writer = tensorboardX.SummaryWriter(storage.join(workdir, "tensorboard"))
 
   # --- Loop ---------------------------------------------------------------------------------------
   # Every step's finiteness flag is read after the NEXT step has been dispatched, so the host
@@ -319,6 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
   stopped_at = None
+  bad_images, max_bad_images = 0, int(config.data.get("max_bad_images", 100))
   # Log lines go above the progress bar instead of being glued to its line.
   redirect = tqdm_logging.logging_redirect_tqdm(loggers=[log])
   redirect.__enter__()
@@ -337,7 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stopped_at = step
         break
       state = enter_step(config, state, step, tx, state_shardings)
-      batch = pipeline.to_global_batch(next(data_iter), mesh)
+      local_batch = next(data_iter)
+      bad_images = count_skipped_images(local_batch, bad_images, max_bad_images, step)
+      batch = pipeline.to_global_batch(local_batch, mesh)
       state, metrics = step_fn.run(step, state, batch)
       check_finite(pending, ckpt)
       done = step + 1
@@ -371,6 +403,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, done, writer,
                  evaluator=evaluator)
     check_finite(pending, ckpt)
+  except BaseException:
+    if writer is not None:
+      writer.close()  # Explicitly: tensorboardX would re-upload gs:// events at interpreter exit.
+    raise
   finally:
     redirect.__exit__(None, None, None)
     bar.close()
@@ -409,11 +445,11 @@ def evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, s
     evaluator: a `BenchmarkEvaluator` to reuse (periodic evaluation: compiled once).
     eval_dir: where the outputs go (default `<workdir>/eval`, the training run's own).
   """
-  eval_dir = os.path.join(workdir, "eval") if eval_dir is None else eval_dir
+  eval_dir = storage.join(workdir, "eval") if eval_dir is None else eval_dir
   if evaluator is None:
     evaluator = make_evaluator(config, workdir, model, layout, td_cfg, mesh, val_records,
                                files=files, protocols=protocols)
-  results_dir = os.path.join(eval_dir, f"results_{step}") if _is_writer() else None
+  results_dir = storage.join(eval_dir, f"results_{step}") if _is_writer() else None
   results = evaluator.run(state.params, state.batch_stats, results_dir=results_dir)
   table = benchmark.format_table(results, config.eval.pck_thresholds)
   out = {}
