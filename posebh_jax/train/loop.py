@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from tqdm.contrib import logging as tqdm_logging
 
 from data_pipelines import pipeline
@@ -222,7 +223,8 @@ def enter_step(config: ml_collections.ConfigDict, state, step: int, tx, state_sh
 
 
 def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Raises NonFiniteLossError naming the non-finite terms if the step's flag is False.
+  """Raises NonFiniteLossError naming the non-finite terms and state parts if the step's flag is
+  False.
 
   Args:
     pending: (step count after the step, its on-device metrics) or None.
@@ -230,19 +232,78 @@ def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
   if pending is None or bool(pending[1]["finite"]):
     return
   done, metrics = pending
-  values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-  raise NonFiniteLossError(
-      f"non-finite training loss at step {done}: {bad}; stopped without saving; last good "
-      f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  bad = {k: v for k, v in values.items() if not k.startswith("finite") and not math.isfinite(v)}
+  loss = {k: v for k, v in bad.items() if k.startswith("loss/") or k == "grad_norm"}
+  parts = [p for p in step_lib.STATE_PARTS if not values[f"finite/{p}"]]
+  where = (f"non-finite training loss at step {done}: {bad}" if loss else
+           f"non-finite training state after step {done} (finite loss and gradient norm; "
+           f"non-finite {bad})")
+  if parts:
+    where += f"; NaN/Inf in the updated {', '.join(parts)}"
+  # Every saved checkpoint had its step's flag checked first, so the latest one is finite.
+  latest = ckpt.latest_step()
+  good = (f"last good checkpoint: step {latest} in {ckpt.directory}" if latest is not None
+          else f"no checkpoint was saved yet in {ckpt.directory}")
+  raise NonFiniteLossError(f"{where}; stopped without saving; {good}")
 
 
-def write_train_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
+class TrainMetricsLog:
+  """`<workdir>/train_metrics.jsonl`: one JSON line per logged step, each step once.
+
+  A resumed run restarts at its checkpoint, which may be older than the last logged step (kill -9
+  during an asynchronous save): the lines after the restored step are dropped when the log is
+  opened, and the steps are logged again as they are retrained. Dropping rewrites the whole
+  file (locally: a temporary file renamed over it; on object stores such as gs://, which cannot
+  append, the object is replaced), so the log is never half-written.
+  """
+
+  def __init__(self, workdir: str, resumed_step: int):
+    self.path = epath.Path(workdir) / "train_metrics.jsonl"
+    self._append = "://" not in str(self.path)  # Local files append; objects are rewritten.
+    lines = self.path.read_text().splitlines() if self.path.exists() else []
+    keep = [line for line in lines if _logged_step(line) is not None
+            and _logged_step(line) <= resumed_step]
+    self._lines = keep
+    if len(keep) != len(lines):
+      self._rewrite()
+      log.info("train_metrics.jsonl: dropped %d lines after the restored step %d (they are "
+               "logged again as the steps are retrained)", len(lines) - len(keep), resumed_step)
+
+  def _rewrite(self) -> None:
+    text = "".join(line + "\n" for line in self._lines)
+    if self._append:
+      tmp = self.path.parent / f".{self.path.name}.tmp"
+      tmp.write_text(text)
+      tmp.replace(self.path)
+    else:
+      self.path.write_text(text)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    line = json.dumps(dict(step=step, **metrics))
+    self._lines.append(line)
+    if self._append:
+      with self.path.open("a") as f:
+        f.write(line + "\n")
+    else:
+      self._rewrite()
+
+
+def _logged_step(line: str) -> int | None:
+  """The step of a train_metrics.jsonl line; None for a torn or foreign line."""
+  try:
+    step = json.loads(line).get("step")
+  except (ValueError, AttributeError):
+    return None
+  return step if isinstance(step, int) else None
+
+
+def write_train_metrics(writer, metrics_log: TrainMetricsLog, step: int,
+                        metrics: dict[str, float]) -> None:
   """TensorBoard scalars `train/<name>` and one JSON line in `<workdir>/train_metrics.jsonl`."""
   for k, v in metrics.items():
     writer.add_scalar(f"train/{k}", v, step)
-  with open(os.path.join(workdir, "train_metrics.jsonl"), "a") as f:
-    f.write(json.dumps(dict(step=step, **metrics)) + "\n")
+  metrics_log.write(step, metrics)
 
 
 def _is_writer() -> bool:
@@ -290,9 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Checkpoint / resume --------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   meta = experiment.checkpoint_meta(config, layout)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, abstract_state, data_iter, meta)
+  # The newest intact checkpoint: damaged ones are skipped (and set aside) with a warning.
+  restored = ckpt.restore_latest(abstract_state, data_iter, meta)
+  if restored is not None:
+    latest, state = restored
     log.info("resumed from checkpoint at step %d (%s)", latest, ckpt.directory)
   elif config.init.weights:
     state = init_from_weights(config, state, model, layout, state_shardings)
@@ -301,10 +363,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Step (one compiled function per stage) ----------------------------------------------
   step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings)
 
-  writer = None
+  writer = metrics_log = None
   if _is_writer():
     import tensorboardX  # Imported lazily: only process 0 writes events.
     writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    metrics_log = TrainMetricsLog(workdir, start_step)
 
   # --- Loop ---------------------------------------------------------------------------------------
   # Every step's finiteness flag is read after the NEXT step has been dispatched, so the host
@@ -347,7 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.train.log_every == 0 or done == num_steps:
         check_finite(pending, ckpt)
         pending = None
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                   if not k.startswith("finite")}  # Always 1 here: checked above.
         elapsed = time.time() - t_log
         metrics["images_per_second"] = steps_since_log * config.train.batch_size / elapsed
         utilisation = throughput.mfu(step_fn.flops_at(step), elapsed / steps_since_log)
@@ -358,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_metrics = metrics
         bar.set_postfix(loss=f"{metrics['loss/total']:.3g}")
         if writer is not None:
-          write_train_metrics(writer, workdir, done, metrics)
+          write_train_metrics(writer, metrics_log, done, metrics)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         check_finite(pending, ckpt)
         pending = None
