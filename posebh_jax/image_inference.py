@@ -165,7 +165,7 @@ def infer_images(predictor, image_paths: Sequence[str],
       failed.append(str(e))
       continue
     image_boxes = None if boxes is None else boxes_for(boxes, path)
-    poses = predictor.predict(rgb, image_boxes, skeletons, through=through)
+    poses = predictor.predict(rgb, image_boxes, skeletons, through=through, name=path)
     stem = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0])
     doc = pose_json(path, rgb.shape[:2], poses, skeletons, through, predictor.core.flip_test)
     with open(stem + ".json.tmp", "w") as f:
