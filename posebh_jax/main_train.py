@@ -36,15 +36,16 @@ def main(argv) -> None:
   import jax  # After flag parsing, so --jax_* flags apply.
   # Random bits that do not depend on how arrays are partitioned: the same step on 1 or 8 devices.
   jax.config.update("jax_threefry_partitionable", True)
+  from data_pipelines.coco_reader import AnnotationError
   from posebh_jax.train import checkpoint, distributed, loop
   if _DISTRIBUTED.value or config.distributed.enabled:
     distributed.initialize_distributed(config.distributed)
   try:
     loop.train_and_evaluate(config, _WORKDIR.value)
   except (loop.NonFiniteLossError, config_checks.ConfigError, checkpoint.CheckpointMismatchError,
-          checkpoint.CheckpointDamagedError) as e:
+          checkpoint.CheckpointDamagedError, AnnotationError) as e:
     # The diagnosis is the message (which terms or fields, last good checkpoint, which damaged
-    # checkpoints and why); no traceback needed.
+    # checkpoints and why, which annotation file and record); no traceback needed.
     print(f"posebh-train: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 
