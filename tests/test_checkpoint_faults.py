@@ -104,9 +104,10 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(base, tmp_path):
   mid = len(raw) // 2
   raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
   chunk.write_bytes(bytes(raw))
-  # Step 8: a truncated state file; step 6: no _METADATA; step 4: an empty iterator state.
-  chunk = _largest_chunk(wd, 8)
-  chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+  # Step 8: truncated state files (each data file of the state cut to half: a copy or an
+  # upload that stopped); step 6: no _METADATA; step 4: an empty iterator state.
+  for chunk in (ckpts / "8" / "state" / "ocdbt.process_0" / "d").iterdir():
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
   (ckpts / "6" / "state" / "_METADATA").unlink()
   (iterator_state,) = (ckpts / "4" / "data").glob("*.json")
   iterator_state.write_text("")
