@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
 from faultcheck import changed, snapshot
@@ -182,3 +184,21 @@ def test_meta_differences_names_nested_fields_and_skips_unrecorded_ones():
              model_config=dict(mlp_ratio=4, proto=dict(num_in_class=2, gamma=0.9)))
   assert checkpoint_lib.meta_differences(saved, now) == {
       "model_config.proto.num_in_class": (3, 2)}
+
+
+def test_state_digest_is_the_same_on_1_and_8_devices_and_sees_one_flipped_bit():
+  rng = np.random.RandomState(0)
+  x = rng.randn(64, 24).astype(np.float32)
+  tree = dict(a=x, b=np.arange(16, dtype=np.int32), h=x[:8].astype(jnp.bfloat16),
+              k=jax.random.key(3), m=x[:16] > 0)
+  one = checkpoint_lib.state_digest(jax.device_put(tree, jax.devices()[0]))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.tree_util.tree_map(
+      lambda v: jax.device_put(v, NamedSharding(mesh, P("data"))), dict(tree, k=None))
+  sharded["k"] = tree["k"]
+  eight = checkpoint_lib.state_digest(sharded)
+  assert one == eight and len(set(one.values())) == 5
+  flipped = x.copy()
+  flipped.view(np.uint32)[5, 7] ^= 1  # One bit of one float.
+  other = checkpoint_lib.state_digest(dict(tree, a=flipped))
+  assert [k for k in one if one[k] != other[k]] == ["['a']"]
