@@ -103,7 +103,8 @@ def test_kill_during_save_then_resume_is_bit_identical(tmp_path, data_root):
     names = os.listdir(ckpt_dir)
     done = [n for n in names if n.isdigit()]
     return bool(done) and any("tmp" in n for n in names)
-  _wait_for(saving_after_first, proc)
+  # Compiling the first step takes minutes on a loaded 2-core machine.
+  _wait_for(saving_after_first, proc, timeout=900)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   ckpt = checkpoint_lib.Checkpointer(wd)
