@@ -28,7 +28,6 @@ import os
 import statistics
 import time
 
-import jax
 
 from configs import synthetic
 from posebh_jax.train import loop

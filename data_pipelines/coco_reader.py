@@ -109,9 +109,12 @@ WHOLEBODY_PART_SIZES = (17, 6, 68, 21, 21)
 def load_json(path: str, required: tuple[str, ...] = ("images", "annotations")) -> Any:
   """Reads a JSON file (local or gs://); with `required`, a dict holding those sections."""
   try:
-    data = json.loads(epath.Path(path).read_text())
+    data = json.loads(epath.Path(path).read_bytes().decode("utf-8"))
   except FileNotFoundError:
     raise AnnotationError(f"annotation file not found: {path}") from None
+  except UnicodeDecodeError as e:
+    raise AnnotationError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); JSON annotation files must be UTF-8") from None
   except json.JSONDecodeError as e:
     raise AnnotationError(f"{path}: malformed JSON ({e})") from None
   if required and (not isinstance(data, dict) or any(k not in data for k in required)):

@@ -21,7 +21,6 @@ and joint files sit beside it (`companion_files`).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np

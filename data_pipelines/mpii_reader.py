@@ -16,9 +16,11 @@ Same record layout as `coco_reader` (see there). MPII specifics (spec §4.3, `To
 
 Like the reference, instances without any visible joint are kept (MPII evaluation covers every
 annotated person). Bad input: a file that is not a JSON list, an entry missing a field, or the
-wrong number of joints / flags raise `AnnotationError` naming the file and the entry; non-finite
-values, flags outside {0, 1}, a labelled joint outside the image (tested when the image is
-checked: its size is read from the file header) and missing / corrupt images are counted skips.
+wrong number of joints / flags, or an `image` that is not a file name raise `AnnotationError`
+naming the file and the entry; non-finite values, an implausible scale (a person box under 1
+pixel or over 20 times the image's larger side), flags outside {0, 1}, a labelled joint outside
+the image (tested when the image is checked: its size is read from the file header) and
+missing / corrupt images are counted skips.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def _entry_arrays(a: Any, k: int, path: str, i: int
   structural errors."""
   if not isinstance(a, dict) or any(f not in a for f in _FIELDS):
     raise AnnotationError(f"{path}: entry {i}: needs fields {list(_FIELDS)}: {a!r:.200}")
+  if not isinstance(a["image"], str) or not a["image"]:
+    raise AnnotationError(f"{path}: entry {i}: 'image' must be an image file name, got "
+                          f"{a['image']!r:.100}")
   where = f"{path}: entry {i} (image {a['image']})"
   try:
     joints = np.asarray(a["joints"], np.float64)
@@ -57,6 +62,20 @@ def _entry_arrays(a: Any, k: int, path: str, i: int
   if center.shape != (2,):
     raise AnnotationError(f"{where}: center has shape {center.shape}, expected (2,)")
   return joints, vis, center, scale
+
+
+# A person box (side 200·scale pixels) is at least this many pixels, and at most this many
+# times the image's larger side (or _MAX_SIDE_PX where the image size is not read).
+_MIN_SIDE_PX = 1.0
+_MAX_SIDE_IMAGES = 20.0
+_MAX_SIDE_PX = 1e5
+
+
+def _plausible_scale(scale: float, size_wh: tuple[int, int] | None) -> bool:
+  """Whether an MPII person scale describes a box of plausible size (1e-9 or 1e9 do not)."""
+  side = 200.0 * scale
+  limit = _MAX_SIDE_PX if size_wh is None else _MAX_SIDE_IMAGES * max(size_wh)
+  return _MIN_SIDE_PX <= side <= limit
 
 
 def read_mpii(
@@ -101,6 +120,8 @@ def read_mpii(
     if problem is None and (check_images or decode_images):
       status = checker(path, need_size=True)
       problem, size_wh = status.problem, status.size_wh
+    if problem is None and not _plausible_scale(scale_raw, size_wh):
+      problem = "implausible scale"
     kpts = np.concatenate([joints - 1, vis[:, None]], axis=1)  # Matlab 1-based → 0-based.
     if problem is None:
       problem = keypoint_problem(kpts, size_wh)

@@ -8,6 +8,7 @@ by explicit import. Shared by training (`posebh_jax.train.loop`) and evaluation
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Sequence
 
@@ -283,9 +284,15 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
 
 
 def checkpoint_meta(config: ml_collections.ConfigDict, layout: SkeletonLayout) -> dict:
-  """What a checkpoint must agree on with the config that restores it."""
+  """What a checkpoint must agree on with the config that restores it.
+
+  `model_config` is every field of `config.model` (as JSON: tuples become lists), compared
+  field by field on restore (`checkpoint.meta_differences`).
+  """
   m = config.model
+  model_config = json.loads(json.dumps(m.to_dict(), default=str))
   return dict(
+      model_config=model_config,
       datasets=list(config.data.dataset_names),
       num_keypoints=list(layout.num_keypoints),
       model=dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,

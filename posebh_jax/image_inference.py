@@ -173,7 +173,7 @@ def infer_images(predictor, image_paths: Sequence[str],
       failed.append(str(e))
       continue
     image_boxes = None if boxes is None else boxes_for(boxes, path)
-    poses = predictor.predict(rgb, image_boxes, skeletons, through=through)
+    poses = predictor.predict(rgb, image_boxes, skeletons, through=through, name=path)
     stem = storage.join(out_dir, _stem(path))
     doc = pose_json(path, rgb.shape[:2], poses, skeletons, through, predictor.core.flip_test)
     storage.write_text(stem + ".json", json.dumps(doc, indent=1))  # Atomic.

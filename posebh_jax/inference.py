@@ -19,6 +19,7 @@ test and the decoding follow a's encoding (spec §5.1–§5.3); see `posebh_jax.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
@@ -32,6 +33,8 @@ from jax.sharding import Mesh
 from data_pipelines import image_files, pipeline, storage, transforms
 from posebh_jax import experiment
 from posebh_jax.evaluation import predict as predict_lib
+
+log = logging.getLogger("posebh")
 
 
 class UnknownSkeletonError(ValueError):
@@ -85,6 +88,22 @@ def _as_rgb(image: np.ndarray | str | os.PathLike) -> np.ndarray:
     raise ValueError(f"expected an RGB uint8 image [H, W, 3] (or a path), got {image.dtype} "
                      f"{image.shape}")
   return image
+
+
+def box_in_image(xywh: np.ndarray, size_hw: tuple[int, int], where: str = "image",
+                 index: int = 0) -> bool:
+  """Whether box `[x, y, w, h]` overlaps the `size_hw` image; warns (naming it) when not.
+
+  A box wholly outside the image would be cropped from padding only and give keypoints far
+  outside the image (e.g. x ≈ 5045 in a 640-pixel image): such boxes are skipped.
+  """
+  x, y, w, h = (float(v) for v in xywh)
+  height, width = size_hw
+  if x < width and y < height and x + w > 0 and y + h > 0:
+    return True
+  log.warning("%s: box %d [%g, %g, %g, %g] lies wholly outside the %dx%d image: skipped (no "
+              "keypoints)", where, index, x, y, w, h, width, height)
+  return False
 
 
 def parse_box(box: Sequence[float], where: str = "box") -> tuple[np.ndarray, float]:
@@ -203,8 +222,10 @@ class Predictor:
   def predict(self, image: np.ndarray | str | os.PathLike,
               boxes: Sequence[Sequence[float]] | None = None,
               skeletons: Sequence[str] | None = None, *, through: str = "head",
-              expert: str | None = None) -> list[dict[str, Any]]:
+              expert: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
     """Keypoints of every box for every requested skeleton.
+
+    Boxes wholly outside the image are skipped with a warning naming them (and the image).
 
     Args:
       image: an image path or an RGB uint8 array `[H, W, 3]`.
@@ -213,6 +234,7 @@ class Predictor:
       through: "head" or "prototypes".
       expert: run the backbone with this dataset's expert for every skeleton (default: each
         skeleton's own).
+      name: how warnings name the image (default: its path, or "image" for an array).
 
     Returns:
       Box-major list of dicts: instance (box position), box `[4]` (x, y, w, h), box_score,
@@ -228,10 +250,16 @@ class Predictor:
     if boxes is None:
       boxes = [[0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0])]]
     parsed = [parse_box(b, f"box {i}") for i, b in enumerate(boxes)]
-    per_skeleton = {a: self._predict_boxes(rgb, [xywh for xywh, _ in parsed], a, through,
-                                           expert_index) for a in dict.fromkeys(indices)}
+    where = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "image")
+    kept = [i for i, (xywh, _) in enumerate(parsed)
+            if box_in_image(xywh, rgb.shape[:2], where, i)]
+    per_skeleton = {a: dict(zip(kept, self._predict_boxes(
+        rgb, [parsed[i][0] for i in kept], a, through, expert_index))) if kept else {}
+                    for a in dict.fromkeys(indices)}
     out = []
     for i, (xywh, score) in enumerate(parsed):
+      if i not in kept:
+        continue
       for name, a in zip(names, indices):
         skeleton = self.layout.skeletons[a]
         out.append(dict(instance=i, box=xywh.astype(np.float32), box_score=score,

@@ -51,7 +51,7 @@ def main(argv) -> None:
   from posebh_jax import config_checks
   from posebh_jax.evaluation import evaluate
   from posebh_jax.evaluation.benchmark import EvalSelectionError
-  from posebh_jax.train.checkpoint import CheckpointMismatchError
+  from posebh_jax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
   selection = dict(datasets=_DATASETS.value, boxes=_BOXES.value, out_dir=_OUT.value)
   try:
     config_checks.check_config(_CONFIG.value)
@@ -60,7 +60,7 @@ def main(argv) -> None:
     else:
       evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value, **selection)
   except (config_checks.ConfigError, FileNotFoundError, CheckpointMismatchError,
-          EvalSelectionError, AnnotationError) as e:
+          CheckpointDamagedError, EvalSelectionError, AnnotationError) as e:
     sys.exit(f"posebh-eval: {e}")
 
 

@@ -67,7 +67,7 @@ def main(argv) -> None:
   from posebh_jax.image_inference import (BoxesFileError, ImagesError, discover_images,
                                          infer_images, load_boxes)
   from posebh_jax.inference import Predictor, UnknownSkeletonError, skeleton_index
-  from posebh_jax.train.checkpoint import CheckpointMismatchError
+  from posebh_jax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
 
   from posebh_jax import config_checks
   config = _CONFIG.value
@@ -87,7 +87,8 @@ def main(argv) -> None:
     result = infer_images(predictor, images, boxes, skeletons, _THROUGH.value, _OUT.value,
                           score_thr=_SCORE_THR.value, overlay_max_side=_MAX_SIDE.value)
   except (config_checks.ConfigError, FileNotFoundError, CheckpointMismatchError,
-          UnknownSkeletonError, ImageError, BoxesFileError, ImagesError) as e:
+          CheckpointDamagedError, UnknownSkeletonError, ImageError, BoxesFileError,
+          ImagesError) as e:
     sys.exit(f"posebh-infer: {e}")
   print(f"posebh-infer: {len(result['written'])} image(s) -> {_OUT.value} "
         f"(skeletons {', '.join(skeletons)}; through {_THROUGH.value})", flush=True)

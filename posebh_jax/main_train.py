@@ -34,13 +34,17 @@ def main(argv) -> None:
   except config_checks.ConfigError as e:
     sys.exit(f"posebh-train: {e}")
   # (Random bits independent of partitioning, jax_threefry_partitionable, are jax 0.10's default.)
-  from posebh_jax.train import distributed, loop
+  from data_pipelines.coco_reader import AnnotationError
+  from posebh_jax.train import checkpoint, distributed, loop
   if _DISTRIBUTED.value or config.distributed.enabled:
     distributed.initialize_distributed(config.distributed)
   try:
     loop.train_and_evaluate(config, _WORKDIR.value)
-  except (loop.NonFiniteLossError, loop.TooManyBadImagesError, config_checks.ConfigError) as e:
-    # The diagnosis is the message (which terms, last good checkpoint); no traceback needed.
+  except (loop.NonFiniteLossError, loop.TooManyBadImagesError, config_checks.ConfigError,
+          checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError,
+          AnnotationError) as e:
+    # The diagnosis is the message (which terms or fields, last good checkpoint, which damaged
+    # checkpoints and why, which annotation file and record); no traceback needed.
     print(f"posebh-train: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -54,13 +55,18 @@ def _tuple(*items: bytes) -> bytes:
   return b"(" + b"".join(items) + b"t"
 
 
-def _tensor_pickle(key: str, numel: int, offset: int, size: tuple[int, ...],
-                   stride: tuple[int, ...]) -> bytes:
+def _tensor_body(key: str, numel: int, offset: int, size: tuple[int, ...],
+                 stride: tuple[int, ...]) -> bytes:
   storage = _tuple(_str("storage"), b"ctorch\nFloatStorage\n", _str(key), _str("cpu"),
                    _int(numel)) + b"Q"
   args = _tuple(storage, _int(offset), _tuple(*map(_int, size)), _tuple(*map(_int, stride)),
                 b"\x89", b"ccollections\nOrderedDict\n)R")
-  return b"\x80\x02}" + _str("t") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
+  return b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R"
+
+
+def _tensor_pickle(key: str, numel: int, offset: int, size: tuple[int, ...],
+                   stride: tuple[int, ...]) -> bytes:
+  return b"\x80\x02}" + _str("t") + _tensor_body(key, numel, offset, size, stride) + b"s."
 
 
 def _write_pth(path: Path, pkl: bytes, storages: dict[str, bytes] | None = None,
@@ -130,6 +136,78 @@ def test_load_pth_rejects_non_zip(tmp_path):
   path.write_bytes(b"\x80\x02}q\x00.")
   with pytest.raises(ValueError, match="not a zip"):
     load_pth(path)
+
+
+def test_load_pth_negative_offset_names_the_file(tmp_path):
+  raw = np.zeros(8, np.float32).tobytes()
+  path = _write_pth(tmp_path / "neg.pth", _tensor_pickle("0", 8, -1, (2,), (1,)), {"0": raw})
+  with pytest.raises(ValueError, match=r"^.*neg\.pth: tensor \(offset -1"):
+    load_pth(path)
+
+
+def test_load_pth_refuses_stride_zero_views_larger_than_the_file(tmp_path):
+  # 8 stored floats viewed as 2**29 (2 GiB) through stride 0: refused before any allocation.
+  raw = np.zeros(8, np.float32).tobytes()
+  path = _write_pth(tmp_path / "bomb.pth", _tensor_pickle("0", 8, 0, (1 << 29,), (0,)),
+                    {"0": raw})
+  assert path.stat().st_size < 1024
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=r"bomb\.pth: .*536870912 elements, more than its "
+                                         r"storage of 8"):
+      load_pth(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 16 << 20
+
+
+def test_load_pth_refuses_many_views_of_one_storage(tmp_path):
+  # Ten full views of one 256 KiB storage: 2.5 MiB of tensors from 256 KiB of data.
+  n = 1 << 16
+  items = b"".join(_str(f"t{i}") + _tensor_body("0", n, 0, (n,), (1,)) for i in range(10))
+  pkl = b"\x80\x02}(" + items + b"u."
+  path = _write_pth(tmp_path / "views.pth", pkl, {"0": np.zeros(n, np.float32).tobytes()})
+  with pytest.raises(ValueError, match=r"views\.pth: its tensors would hold .* \(more than 4 "
+                                       r"views of each"):
+    load_pth(path)
+
+
+def test_load_pth_refuses_zip_bomb_before_decompressing(tmp_path):
+  # 64 MiB of zeros deflate to ~64 KiB; torch.save never compresses. Nothing is inflated.
+  n = 16 << 20
+  path = tmp_path / "zipbomb.pth"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", _tensor_pickle("0", n, 0, (n,), (1,)))
+    z.writestr("archive/byteorder", "little")
+    z.writestr("archive/data/0", bytes(4 * n), compress_type=zipfile.ZIP_DEFLATED)
+  assert path.stat().st_size < 1 << 20
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=r"zipbomb\.pth: archive entry archive/data/0 expands "
+                                         r"from \d+ to 67108864 bytes .*refused unread"):
+      load_pth(path)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 16 << 20
+
+
+@pytest.mark.parametrize("build", [
+    # BUILD with a dict: would set FloatStorage.dtype for every later load.
+    b"ctorch\nFloatStorage\n}" + _str("dtype") + _str("x") + b"sb",
+    # BUILD with (None, slotstate): setattr(_rebuild_tensor_v2, '__defaults__', ...).
+    b"ctorch._utils\n_rebuild_tensor_v2\n(N}" + _str("__defaults__") + b"(J\x01\x00\x00\x00tstb",
+])
+def test_load_pth_build_cannot_poison_later_loads(tmp_path, build):
+  evil = _write_pth(tmp_path / "poison.pth", b"\x80\x02" + build + b".")
+  with pytest.raises(ValueError, match=r"poison\.pth: .*(BUILD|cannot set attribute)"):
+    load_pth(evil)
+  data = np.arange(24, dtype=np.float32)
+  good = _write_pth(tmp_path / "good.pth", _tensor_pickle("0", 24, 2, (3, 4), (1, 3)),
+                    {"0": data.tobytes()})
+  t = load_pth(good)["t"]  # A later, legitimate load in the same process is unaffected.
+  assert t.dtype == np.float32 and t.shape == (3, 4) and t[0, 0] == 2.0
 
 
 # --- Conversion ----------------------------------------------------------------------------------

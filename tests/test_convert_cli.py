@@ -286,12 +286,75 @@ def test_overwrite_replaces_existing_weights(tmp_path, tiny_config, tiny_pth, ti
   with pytest.raises(FileExistsError, match="already exists"):
     convert_checkpoint(tiny_config, str(tiny_pth), str(out))
   assert (out / "keep.txt").read_text() == "old"
+  out.joinpath("keep.txt").unlink()
+  out.rmdir()
+  convert_checkpoint(tiny_config, str(tiny_pth), str(out))
   convert_checkpoint(tiny_config, str(tiny_pth), str(out), overwrite=True)
-  assert not (out / "keep.txt").exists()
   assert [p.name for p in tmp_path.iterdir()] == ["w"]  # No temporary siblings left behind.
   weights, _ = weights_lib.load_weights(out, tiny_reference_model(), num_prototype_keypoints=214)
   np.testing.assert_array_equal(weights.prototypes,
                                 tiny_state_dict["proto_head.kpt_prototype.prototypes"])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+          if p.is_file()}
+
+
+def _workdir_like(root: Path) -> Path:
+  """What a training workdir holds: checkpoints, events, metrics, and a user's own file."""
+  wd = root / "workdir"
+  (wd / "checkpoints" / "2" / "state").mkdir(parents=True)
+  (wd / "checkpoints" / "2" / "state" / "_METADATA").write_text("{}")
+  (wd / "tensorboard").mkdir()
+  (wd / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"\x00" * 32)
+  (wd / "train_metrics.jsonl").write_text('{"step": 1}\n')
+  (wd / "notes.txt").write_text("mine")
+  return wd
+
+
+@pytest.mark.parametrize("case", ["training_workdir", "dot", "unrelated_file",
+                                  "weights_plus_unrelated_file"])
+def test_overwrite_refuses_anything_but_converted_weights(tmp_path, tiny_pth, case):
+  """`posebh-convert --overwrite` deletes nothing that is not itself converted weights."""
+  root = tmp_path / "user"
+  root.mkdir()
+  cwd = REPO
+  if case == "training_workdir":
+    out = str(_workdir_like(root))
+  elif case == "dot":  # `--out=.` run inside a project checkout (here: a stand-in one).
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "README.md").write_text("# project\n")
+    cwd, out = root, "."
+  elif case == "unrelated_file":
+    (root / "other").mkdir()
+    (root / "other" / "thesis.tex").write_text("\\documentclass{article}")
+    out = str(root / "other")
+  else:
+    r = _run_cli(f"--config={CONFIG_FILE}:tiny_reference", f"--pth={tiny_pth}",
+                 f"--out={root / 'w'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (root / "w" / "README.txt").write_text("which run these came from")
+    out = str(root / "w")
+  before = _tree(root)
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  r = subprocess.run([sys.executable, "-m", "posebh_jax.main_convert",
+                      f"--config={CONFIG_FILE}:tiny_reference", f"--pth={tiny_pth}",
+                      f"--out={out}", "--overwrite"], cwd=cwd, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 1
+  last = r.stderr.strip().splitlines()[-1]
+  target = os.path.abspath(os.path.join(cwd, out))
+  if case == "weights_plus_unrelated_file":
+    assert last == (f"posebh-convert: {target} holds converted weights and files posebh-convert "
+                    "did not write (README.txt): not replaced; nothing was deleted")
+  else:
+    assert last.startswith(f"posebh-convert: {target} exists and is not converted weights "), last
+    assert last.endswith("--overwrite only replaces a directory written by posebh-convert; "
+                         "nothing was deleted")
+  assert _tree(root) == before  # Not one file changed, added or removed.
+  assert sorted(p.name for p in root.parent.iterdir()) == ["user"]  # No temporary siblings.
 
 
 # --- The converted-weights format ----------------------------------------------------------------

@@ -111,6 +111,28 @@ def test_cli_whole_images_through_prototypes(tiny_weights, tmp_path):
   assert [len(v) for v in doc["instances"][0]["poses"].values()] == [16, 14]
 
 
+def test_cli_skips_boxes_wholly_outside_the_image_naming_them(tiny_weights, tmp_path):
+  coco_img = str(shared_path("data/samples/coco/000000000785.jpg"))
+  h, w = cv2.imread(coco_img).shape[:2]
+  boxes = tmp_path / "boxes.json"
+  boxes.write_text(json.dumps({"000000000785.jpg": [
+      [280.79, 44.73, 218.7, 346.68, 0.9], [5000, 40, 90, 120], [-300, 10, 200, 100]]}))
+  out = tmp_path / "out"
+  r = _run(f"--weights={tiny_weights}", f"--images={coco_img}", f"--boxes={boxes}",
+           "--skeletons=coco", f"--out={out}", "--score_thr=0")
+  assert r.returncode == 0, r.stderr[-3000:]
+  for i, box in ((1, "[5000, 40, 90, 120]"), (2, "[-300, 10, 200, 100]")):
+    assert (f"{coco_img}: box {i} {box} lies wholly outside the {w}x{h} image: skipped (no "
+            "keypoints)") in r.stderr, r.stderr[-3000:]
+  doc = json.loads((out / "000000000785.json").read_text())
+  assert doc["instances"][0]["box"] == [280.79, 44.73, 218.7, 346.68]
+  _check_doc(doc, coco_img, ["coco"], 1)
+  for k in doc["instances"][0]["poses"]["coco"]:
+    assert -w < k["x"] < 2 * w  # Nothing at x ≈ 5045.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes.json", "out"]
+  assert sorted(p.name for p in out.iterdir()) == ["000000000785.json", "000000000785.png"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--skeletons=coco,crowdpose"], "unknown skeleton 'crowdpose'"),
     (["--boxes={bad_json}"], "bad.json: not valid JSON"),

@@ -275,6 +275,33 @@ def test_bad_input_malformed_json(tmp_path, fmt, skeleton):
     _read(str(p), tmp_path, fmt, skeleton)
 
 
+@pytest.mark.parametrize("fmt,skeleton", [("coco", COCO), ("mpii", MPII)])
+def test_bad_input_non_utf8_json_names_the_file(tmp_path, fmt, skeleton):
+  p = tmp_path / "latin1.json"
+  p.write_bytes(b'[{"image": "caf\xe9.jpg"}]')  # Latin-1, not UTF-8: raw byte 0xe9.
+  with pytest.raises(AnnotationError) as info:
+    _read(str(p), tmp_path, fmt, skeleton)
+  assert str(info.value) == (f"{p}: not UTF-8 (byte 0xe9 at offset 15); JSON annotation files "
+                             "must be UTF-8")
+
+
+def test_bad_input_mpii_image_null_names_the_entry(tmp_path):
+  path = _mpii_file(tmp_path, [_mpii_entry(), _mpii_entry(image=None)])
+  with pytest.raises(AnnotationError) as info:
+    _read(path, tmp_path, "mpii", MPII)
+  assert str(info.value) == f"{path}: entry 1: 'image' must be an image file name, got None"
+
+
+def test_bad_input_mpii_implausible_scales_are_counted_skips(tmp_path):
+  cv2.imwrite(str(tmp_path / "a.jpg"), np.zeros((40, 50, 3), np.uint8))
+  path = _mpii_file(tmp_path, [_mpii_entry(), _mpii_entry(scale=1e-9), _mpii_entry(scale=1e9)])
+  recs, report = _read(path, tmp_path, "mpii", MPII)
+  assert [r["ann_id"] for r in recs] == [0]
+  assert report.skipped == {"implausible scale": 2}
+  recs, report = _read(path, tmp_path, "mpii", MPII, check_images=False)  # Absolute bounds.
+  assert [r["ann_id"] for r in recs] == [0] and report.skipped == {"implausible scale": 2}
+
+
 def test_bad_input_missing_file(tmp_path):
   for fmt, skeleton in (("coco_wholebody", COCO_WHOLEBODY), ("mpii", MPII)):
     with pytest.raises(AnnotationError, match=r"annotation file not found: .*nope.json"):

@@ -124,8 +124,8 @@ def test_readme_commands_run_in_a_plain_clone(tmp_path):
   exp = exp.replace("keypoints = f(crops, center, scale)", "assert f is not None")
   script = ("from configs import synthetic\n"
             "_get = synthetic.get_config\n"
-            f"synthetic.get_config = lambda *a: (lambda c: (c.data.synthetic.update(dict("
-            f"num_train=12, num_val=4)), c)[1])(_get(*a))\n" + api + exp +
+            "synthetic.get_config = lambda *a: (lambda c: (c.data.synthetic.update(dict("
+            "num_train=12, num_val=4)), c)[1])(_get(*a))\n" + api + exp +
             "print('POSES', len(poses), sorted({p['skeleton'] for p in poses}))\n")
   out = _run([sys.executable, "-c", script], clone)
   assert "POSES 2 ['synth_aic', 'synth_coco']" in out.stdout, out.stdout

@@ -5,12 +5,20 @@ pickle describes the object tree and refers to raw tensor storages by key throug
 persistent-id mechanism. We unpickle with a whitelist: only the handful of globals a tensor
 checkpoint needs resolve, each to our own stand-in (never to torch or to arbitrary code), and
 any other global raises `ValueError`. Tensors come back as numpy arrays.
+
+The work is bounded by what the file holds: storage sizes are checked against the archive's
+declared entry sizes before anything is decompressed, compressed entries may not expand more than
+`_MAX_EXPANSION` times, a tensor may not have more elements than its storage (no stride-0 bombs),
+and all tensors together at most `_MAX_VIEWS_PER_STORAGE` times the storage bytes. The stand-ins
+are created per load and immutable, so a BUILD opcode in one file cannot change later loads.
+Every error names the file.
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -20,15 +28,57 @@ import ml_dtypes
 import numpy as np
 
 
-class _StorageType:
+class _Immutable:
+  """Base of the stand-ins a pickle can reach: no attribute can be set after construction.
+
+  A pickle's BUILD opcode sets attributes on the object below it on the stack (`__setstate__`,
+  `__dict__` or `setattr`). On a stand-in that would change how later tensors, or later loads in
+  the same process, are read; here it fails instead. (Stand-ins are also created per load.)
+  """
+
+  __slots__ = ()
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise ValueError(f"cannot set attribute {name!r} on {self!r} (BUILD on a whitelisted global)")
+
+  def __delattr__(self, name: str) -> None:
+    raise ValueError(f"cannot delete attribute {name!r} of {self!r}")
+
+  def __setstate__(self, state: Any) -> None:
+    raise ValueError(f"refusing BUILD on whitelisted global {self!r}")
+
+
+class _StorageType(_Immutable):
   """Stand-in for `torch.FloatStorage` & co.: only remembers the element dtype."""
 
+  __slots__ = ("name", "dtype")
+
   def __init__(self, name: str, dtype: np.dtype):
-    self.name = name
-    self.dtype = np.dtype(dtype)
+    object.__setattr__(self, "name", name)
+    object.__setattr__(self, "dtype", np.dtype(dtype))
 
   def __repr__(self) -> str:
     return f"torch.{self.name}"
+
+
+class _Function(_Immutable):
+  """A whitelisted function as the pickle sees it: callable, but no `__defaults__` to rewrite."""
+
+  __slots__ = ("_fn", "_name", "_charge")
+
+  def __init__(self, name: str, fn: Any, charge: Any):
+    object.__setattr__(self, "_name", name)
+    object.__setattr__(self, "_fn", fn)
+    object.__setattr__(self, "_charge", charge)
+
+  def __call__(self, *args: Any) -> Any:
+    out = self._fn(*args)
+    if isinstance(out, np.ndarray):
+      self._charge(out.nbytes)
+    return out
+
+  def __repr__(self) -> str:
+    return self._name
 
 
 _STORAGE_DTYPES = {
@@ -66,6 +116,13 @@ def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int, size: tuple[int
   if offset < 0 or last >= storage.size:
     raise ValueError(f"tensor (offset {offset}, size {size}, stride {stride}) exceeds its "
                      f"storage of {storage.size} elements")
+  numel = math.prod(size)
+  if numel > storage.size:
+    # Stride-0 (expanded) or overlapping views: copying them would allocate more than the file
+    # holds (a 640-byte file could ask for gigabytes). torch checkpoints of weights have none.
+    raise ValueError(f"tensor of size {size} (stride {stride}) has {numel} elements, more than "
+                     f"its storage of {storage.size}: overlapping or stride-0 views are not "
+                     "supported")
   view = np.lib.stride_tricks.as_strided(
       storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
       writeable=False)
@@ -85,16 +142,41 @@ def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False,
   return data
 
 
-# (module, name) -> stand-in. Nothing outside this table can be loaded.
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+_FUNCTIONS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+# Built-in types: immutable (setting an attribute on them raises TypeError).
+_TYPES = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
+
+
+def _allowed_global(module: str, name: str, charge: Any) -> Any:
+  """A fresh stand-in for a whitelisted global; KeyError for anything else.
+
+  Fresh per lookup (and immutable), so nothing one file does to a stand-in reaches another.
+  `charge(nbytes)` is told the size of every array a function stand-in returns.
+  """
+  if (module, name) in _FUNCTIONS:
+    return _Function(f"{module}.{name}", _FUNCTIONS[(module, name)], charge)
+  if (module, name) in _TYPES:
+    return _TYPES[(module, name)]
+  if module == "torch" and name in _STORAGE_DTYPES:
+    return _StorageType(name, _STORAGE_DTYPES[name])
+  raise KeyError((module, name))
+
+
+# An honest torch.save archive stores tensor data uncompressed; a compressed entry may expand at
+# most this much (and by at most _SLACK_BYTES) before it is refused unread.
+_MAX_EXPANSION = 16
+_SLACK_BYTES = 1 << 16
+# The tensors of one file may hold at most this many times the bytes of its storages (tied
+# weights view one storage twice; a pickle repeating one view a million times is refused).
+_MAX_VIEWS_PER_STORAGE = 4
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -108,10 +190,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     self._byteorder = "<" if byteorder == "little" else ">"
     self._path = path
     self._storages: dict[str, np.ndarray] = {}  # Views of one storage share it (e.g. tied weights).
+    self._storage_bytes = 0  # Distinct storages read so far.
+    self._tensor_bytes = 0  # Tensors built from them so far.
+
+  def _charge(self, nbytes: int) -> None:
+    """Counts a built tensor; refuses a file whose tensors outgrow its storages."""
+    self._tensor_bytes += nbytes
+    limit = _MAX_VIEWS_PER_STORAGE * self._storage_bytes + _SLACK_BYTES
+    if self._tensor_bytes > limit:
+      raise ValueError(f"{self._path}: its tensors would hold {self._tensor_bytes} bytes from "
+                       f"{self._storage_bytes} bytes of storage (more than "
+                       f"{_MAX_VIEWS_PER_STORAGE} views of each): refused")
 
   def find_class(self, module: str, name: str) -> Any:
     try:
-      return _ALLOWED_GLOBALS[(module, name)]
+      return _allowed_global(module, name, self._charge)
     except KeyError:
       raise ValueError(
           f"{self._path}: refusing to load forbidden global '{module}.{name}' "
@@ -125,17 +218,44 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _, storage_type, key, _location, numel = pid
     key = str(key)
     if key not in self._storages:
+      name = f"{self._prefix}data/{key}"
       try:
-        raw = self._archive.read(f"{self._prefix}data/{key}")
+        info = self._archive.getinfo(name)
       except KeyError:
         raise ValueError(f"{self._path}: storage data/{key} missing from the archive") from None
       dtype = storage_type.dtype.newbyteorder(self._byteorder)
-      if len(raw) < int(numel) * dtype.itemsize:
-        raise ValueError(f"{self._path}: storage data/{key} has {len(raw)} bytes, "
+      numel = int(numel)
+      if numel < 0:
+        raise ValueError(f"{self._path}: storage data/{key} declares {numel} elements")
+      # Checked against the archive's declared sizes BEFORE anything is decompressed.
+      want = numel * dtype.itemsize
+      if info.file_size < want:
+        raise ValueError(f"{self._path}: storage data/{key} has {info.file_size} bytes, "
                          f"{numel} x {dtype.itemsize} expected")
-      arr = np.frombuffer(raw, dtype=dtype, count=int(numel))
+      raw = _read_entry(self._archive, info, want, self._path)
+      arr = np.frombuffer(raw, dtype=dtype, count=numel)
+      self._storage_bytes += arr.nbytes
       self._storages[key] = arr.astype(arr.dtype.newbyteorder("="), copy=False)
     return self._storages[key]
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, path: str) -> bytes:
+  """The first `size` bytes of a zip entry, refusing entries that would expand implausibly.
+
+  Only `size` bytes are ever decompressed (`ZipExtFile.read(size)` stops there), whatever the
+  entry claims to hold.
+  """
+  if info.compress_type != zipfile.ZIP_STORED and (
+      info.file_size > _MAX_EXPANSION * info.compress_size + _SLACK_BYTES):
+    raise ValueError(f"{path}: archive entry {info.filename} expands from {info.compress_size} "
+                     f"to {info.file_size} bytes (more than {_MAX_EXPANSION}x; torch.save does "
+                     "not compress tensors): refused unread")
+  with archive.open(info) as f:
+    raw = f.read(size)
+  if len(raw) < size:
+    raise ValueError(f"{path}: archive entry {info.filename} holds {len(raw)} bytes, "
+                     f"{size} expected")
+  return raw
 
 
 def load_pth(path: str | Path) -> Any:
@@ -165,10 +285,15 @@ def load_pth(path: str | Path) -> Any:
       byteorder = archive.read(f"{prefix}byteorder").decode().strip()
       if byteorder not in ("little", "big"):
         raise ValueError(f"{path}: unknown byteorder {byteorder!r}")
-    unpickler = _RestrictedUnpickler(archive.read(pickles[0]), archive, prefix, byteorder, path)
+    info = archive.getinfo(pickles[0])
+    unpickler = _RestrictedUnpickler(_read_entry(archive, info, info.file_size, path), archive,
+                                     prefix, byteorder, path)
     try:
       return unpickler.load()
-    except ValueError:
-      raise
+    except ValueError as e:
+      if str(e).startswith(path):
+        raise
+      # Raised by a stand-in (tensor geometry, BUILD refused), which does not know the file.
+      raise ValueError(f"{path}: {e}") from e
     except Exception as e:  # Malformed pickle stream, bad REDUCE arguments, ...
       raise ValueError(f"{path}: cannot unpickle checkpoint: {e!r}") from e

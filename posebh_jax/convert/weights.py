@@ -25,6 +25,7 @@ weights are first written completely beside the old ones and only then swapped i
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Mapping
@@ -115,12 +116,15 @@ def save_weights(directory: str | epath.PathLike, weights: PretrainedWeights, me
     The directory written.
 
   Raises:
-    FileExistsError: `directory` exists and `overwrite` is False (nothing is touched).
+    FileExistsError: `directory` exists and `overwrite` is False, or it is not converted weights
+      (`check_replaceable`); nothing is touched.
   """
   directory = _absolute(directory)
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists (pass overwrite=True / --overwrite to "
                           "replace it)")
+  if directory.exists():
+    check_replaceable(directory)
   meta = dict(meta)
   meta.update(format=FORMAT, format_version=FORMAT_VERSION,
               contents=dict(params=True, batch_stats=True, **_present(weights)),
@@ -153,6 +157,39 @@ def _absolute(directory: str | epath.PathLike) -> epath.Path:
   """A local directory made absolute; a URL (gs://...) as it is (`epath.Path.absolute()` would
   prefix the working directory to it)."""
   return epath.Path(storage.absolute(os.fspath(directory)))
+
+
+# What `save_weights` writes at the top of DIR (orbax's commit files, the two items).
+_WRITTEN = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", "weights", "meta"})
+
+
+def check_replaceable(directory: str | epath.PathLike) -> None:
+  """Refuses to let `--overwrite` replace anything but converted weights.
+
+  `directory` must hold `meta/metadata` with this format's marker (`"format": FORMAT`, written
+  by `save_weights`) and nothing else than what `save_weights` writes, so that a training
+  workdir, a repository (`--out=.`) or a folder of unrelated files is never deleted.
+
+  Raises:
+    FileExistsError: naming the directory and why it is not replaced (nothing is touched).
+  """
+  directory = _absolute(directory)
+  marker = directory / "meta" / "metadata"
+  try:
+    meta = json.loads(marker.read_text()) if marker.is_file() else None
+  except (ValueError, OSError):
+    meta = None
+  if not directory.is_dir() or not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise FileExistsError(
+        f"{directory} exists and is not converted weights (no {marker} marked "
+        f"{FORMAT!r}): --overwrite only replaces a directory written by posebh-convert; "
+        "nothing was deleted")
+  other = sorted(p.name for p in directory.iterdir() if p.name not in _WRITTEN)
+  if other:
+    shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+    raise FileExistsError(
+        f"{directory} holds converted weights and files posebh-convert did not write "
+        f"({shown}): not replaced; nothing was deleted")
 
 
 def read_meta(directory: str | epath.PathLike) -> dict:

@@ -248,7 +248,8 @@ def enter_step(config: ml_collections.ConfigDict, state, step: int, tx, state_sh
 
 
 def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
-  """Raises NonFiniteLossError naming the non-finite terms if the step's flag is False.
+  """Raises NonFiniteLossError naming the non-finite terms and state parts if the step's flag is
+  False.
 
   Args:
     pending: (step count after the step, its on-device metrics) or None.
@@ -256,20 +257,29 @@ def check_finite(pending, ckpt: checkpoint_lib.Checkpointer) -> None:
   if pending is None or bool(pending[1]["finite"]):
     return
   done, metrics = pending
-  values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
-  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-  raise NonFiniteLossError(
-      f"non-finite training loss at step {done}: {bad}; stopped without saving; last good "
-      f"checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  bad = {k: v for k, v in values.items() if not k.startswith("finite") and not math.isfinite(v)}
+  loss = {k: v for k, v in bad.items() if k.startswith("loss/") or k == "grad_norm"}
+  parts = [p for p in step_lib.STATE_PARTS if not values[f"finite/{p}"]]
+  where = (f"non-finite training loss at step {done}: {bad}" if loss else
+           f"non-finite training state after step {done} (finite loss and gradient norm; "
+           f"non-finite {bad})")
+  if parts:
+    where += f"; NaN/Inf in the updated {', '.join(parts)}"
+  # Every saved checkpoint had its step's flag checked first, so the latest one is finite.
+  latest = ckpt.latest_step()
+  good = (f"last good checkpoint: step {latest} in {ckpt.directory}" if latest is not None
+          else f"no checkpoint was saved yet in {ckpt.directory}")
+  raise NonFiniteLossError(f"{where}; stopped without saving; {good}")
 
 
-def write_train_metrics(writer, workdir: str, step: int, metrics: dict[str, float]) -> None:
+def write_train_metrics(writer, train_log: metrics_log.TrainMetricsLog, step: int,
+                        metrics: dict[str, float]) -> None:
   """TensorBoard scalars `train/<name>` and one JSON line in `<workdir>/train_metrics.jsonl`
-  (local or gs://: `metrics_log` keeps every line on object stores too)."""
+  (local or gs://; each step once after a resume: `metrics_log.TrainMetricsLog`)."""
   for k, v in metrics.items():
     writer.add_scalar(f"train/{k}", v, step)
-  metrics_log.append_records(storage.join(workdir, "train_metrics.jsonl"),
-                             [dict(step=step, **metrics)])
+  train_log.write(step, metrics)
 
 
 def _is_writer() -> bool:
@@ -318,9 +328,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Checkpoint / resume --------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   meta = experiment.checkpoint_meta(config, layout)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(latest, abstract_state, data_iter, meta)
+  # The newest intact checkpoint: damaged ones are skipped (and set aside) with a warning.
+  restored = ckpt.restore_latest(abstract_state, data_iter, meta)
+  if restored is not None:
+    latest, state = restored
     log.info("resumed from checkpoint at step %d (%s)", latest, ckpt.directory)
   elif config.init.weights:
     state = init_from_weights(config, state, model, layout, state_shardings)
@@ -329,11 +340,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Step (one compiled function per stage) ----------------------------------------------
   step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings)
 
-  writer = None
+  writer = train_log = None
   if _is_writer():
     import tensorboardX  # Imported lazily: only process 0 writes events.
     # tensorboardX writes gs:// itself (google-cloud-storage, no TensorFlow).
     writer = tensorboardX.SummaryWriter(storage.join(workdir, "tensorboard"))
+    train_log = metrics_log.TrainMetricsLog(workdir, start_step)
 
   # --- Loop ---------------------------------------------------------------------------------------
   # Every step's finiteness flag is read after the NEXT step has been dispatched, so the host
@@ -379,7 +391,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.train.log_every == 0 or done == num_steps:
         check_finite(pending, ckpt)
         pending = None
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
+                   if not k.startswith("finite")}  # Always 1 here: checked above.
         elapsed = time.time() - t_log
         metrics["images_per_second"] = steps_since_log * config.train.batch_size / elapsed
         utilisation = throughput.mfu(step_fn.flops_at(step), elapsed / steps_since_log)
@@ -390,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_metrics = metrics
         bar.set_postfix(loss=f"{metrics['loss/total']:.3g}")
         if writer is not None:
-          write_train_metrics(writer, workdir, done, metrics)
+          write_train_metrics(writer, train_log, done, metrics)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         check_finite(pending, ckpt)
         pending = None

@@ -71,14 +71,31 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   params, opt_state, stats = tx.update(grads, state.opt_state, state.params, step=state.step,
                                        trainable=trainable)
   metrics["grad_norm"] = stats["grad_norm"]  # Trainable groups only, before clipping.
-  # Checked by the host one step late (no wait on the device): the loop stops on a False.
-  metrics["finite"] = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(stats["grad_norm"])
   metrics["param_norm"] = optax.tree.norm(params)
   for g, lr in tx.group_learning_rates(state.step).items():
     metrics[f"lr/{g}"] = lr if g in trainable else jnp.zeros_like(lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, prototypes=prototypes)
+  # Checked by the host one step late (no wait on the device): the loop stops on a False and
+  # never checkpoints a state whose flag it has not seen True. The flag covers the state AFTER
+  # the update (a finite loss and gradient can still give infinite weights, e.g. a huge lr).
+  finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(stats["grad_norm"])
+  for part in STATE_PARTS:
+    metrics[f"finite/{part}"] = all_finite(getattr(new_state, part))
+    finite = finite & metrics[f"finite/{part}"]
+  metrics["finite"] = finite
   return new_state, metrics
+
+
+# The float parts of the train state whose finiteness the step reports (`finite/<part>`).
+STATE_PARTS = ("params", "opt_state", "batch_stats", "prototypes", "cluster_prototypes")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """[] bool: no NaN or Inf in any floating-point leaf of `tree` (one fused pass over it)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
