@@ -172,7 +172,7 @@ def test_tfds_build_targeted_at_the_bucket_then_trained_on(gcs_emulator, gcs_buc
   built = _run(["data_pipelines.build_tfds", f"--config={config}"], gcs, cwd)
   assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
   objects = gcs.list_objects(bucket, "tfds/")
-  version_dir = "tfds/posebh_keypoints/coco/1.1.0/"
+  version_dir = "tfds/posebh_keypoints/synth_coco/1.1.0/"  # Builds are keyed by dataset name.
   assert f"{version_dir}dataset_info.json" in objects, objects
   assert any(o.startswith(f"{version_dir}posebh_keypoints-train.array_record") for o in objects)
   # Training can only read the build: the annotation files it came from are gone.

@@ -187,7 +187,7 @@ def test_cli_builds_every_dataset_of_a_config(tmp_path):
   out = _cli(*args, f"--config.data.datasets.coco.val_det={DET}")
   assert out.returncode == 0, out.stderr[-3000:]
   for name in NAMES:
-    assert f"{name}: built {data_dir}/posebh_keypoints/{name}/1.0.0" in out.stdout
+    assert f"{name}: built {data_dir}/posebh_keypoints/{name}/1.1.0" in out.stdout
   assert "val_det: " in out.stdout and "kept 118 instances" in out.stdout
   for name in NAMES:
     assert len(tfds_builders.TfdsRecords(data_dir, name, "train")) == KEPT[name]
