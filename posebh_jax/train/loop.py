@@ -281,9 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            dict(mesh.shape), config.train.batch_size)
 
   weights = experiment.train_weights(config)  # 0 for evaluation-only datasets.
+  # Every host computes the same global sample stream and materialises only its rows of each
+  # global batch: the batches do not depend on the process count.
+  rows = pipeline.host_batch_rows(config.train.batch_size, mesh)
+  assert len(rows) == per_host_batch, (rows, per_host_batch)
   dataset = pipeline.mixed_train_dataset(
-      train_records, weights, td_cfg, batch_size=per_host_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      train_records, weights, td_cfg, batch_size=config.train.batch_size, seed=config.seed,
+      rows=rows)
   data_iter = pipeline.make_iterator(dataset, num_workers=config.data.num_workers,
                                      prefetch=config.data.prefetch)
 

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline
 from posebh_jax.train import sharding
 from posebh_jax.train.objective import ObjectiveConfig, PrototypeState, posebh_objective
 from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
@@ -84,16 +83,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
                     mesh: Mesh, state_sharding: Any, trainable: tuple[str, ...] | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """jit-compiles `train_step` over the mesh: batch sharded on 'data', state in
+  """jit-compiles `train_step` over the mesh: batch split over every device
+  (`sharding.batch_sharding`, the sharding the pipeline places it with), state in
   `state_sharding` and donated (without donation the step's peak memory holds two copies of
   params and moments). `trainable=None`: every group trains."""
   trainable = tx.groups if trainable is None else tuple(trainable)
 
   def step(state, batch):
-    # The pipeline places the batch on the `data` axis; split it over `fsdp` too, so every
-    # device computes on its own examples (a local slice: no communication).
-    batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
     return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable)
 
-  return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
