@@ -9,11 +9,16 @@ keypoint count over the mixed datasets, 133 with COCO-WholeBody):
   skeleton_mask  [K_max]           f32  1 for channels that exist in the sample's skeleton
   dataset_index  []                i32  which dataset (= expert, head, prototype range)
 
-With `TopDownConfig.host_targets=False` the heatmaps are left to the accelerator
-(`device_targets.dataset_targets`) and `target`/`target_weight` are replaced by
+With `TopDownConfig.host_targets=False` (the compact batch, every config's default through
+`data.device_targets`) the heatmaps and the normalisation are left to the accelerator
+(`device_targets.dataset_targets`, `normalize_on_device`, inside the jitted step) and
+`image`/`target`/`target_weight` are replaced by
 
+  image          [H, W, 3]         u8   RGB crop, not normalised (¼ of the float32 bytes)
   joints         [K_max, 2]        f32  keypoints in crop pixels after the affine (0 if padded)
   joint_vis      [K_max]           f32  visibility after flip (0 if padded)
+
+about 150 KB per PoseBH-B sample (256×192 crop, K_max = 133) instead of 2.2 MB.
 
 Order of operations: each source is shuffled and repeated with its own seed, then the sources
 are mixed with weights, then augmented with a per-sample RNG (seeded by the global sample index,
@@ -100,6 +105,15 @@ _NORMALIZE_LUT = np.ascontiguousarray(
      / transforms.IMAGENET_STD).astype(np.float32)[:, None, :])
 
 
+def normalize_on_device(image: jax.Array) -> jax.Array:
+  """uint8 RGB crops `[..., 3]` → normalised float32, bit-identical to the host's
+  `transforms.normalize_image` (the same float32 table, gathered: no reassociated arithmetic).
+  Traceable; element-wise, so it runs sharded with the batch."""
+  import jax.numpy as jnp
+  lut = jnp.asarray(_NORMALIZE_LUT[:, 0, :].reshape(-1))  # [256·3], value-major.
+  return lut[image.astype(jnp.int32) * 3 + jnp.arange(3, dtype=jnp.int32)]
+
+
 def _normalize_bgr_crop(crop_bgr: np.ndarray) -> np.ndarray:
   """Normalised RGB crop [H, W, 3] float32 from a BGR uint8 crop, bit-identical to
   `transforms.normalize_image` of the RGB crop (a table lookup: ~9× faster).
@@ -119,7 +133,8 @@ class TopDownConfig:
       §4.1: UDP for COCO and MPII, MSRA for the others.
     half_body: whether the half-body transform runs for that dataset (the reference has none in
       MPII's pipeline); () = every dataset.
-  `host_targets=False` leaves the heatmaps to `device_targets` (see the module docstring).
+  `host_targets=False` ships the compact batch: uint8 crops and crop-space joints; the
+  normalisation and the heatmaps are made on the device (see the module docstring).
   """
 
   layout: SkeletonLayout
@@ -214,14 +229,15 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
     """Crop and crop-space joints of dataset d → the padded training example (steps 6–7)."""
     cfg = self.cfg
     k_max = cfg.layout.max_keypoints
-    out = dict(image=_normalize_bgr_crop(crop_bgr), skeleton_mask=cfg.layout.skeleton_mask()[d],
-               dataset_index=np.int32(d))
+    out = dict(skeleton_mask=cfg.layout.skeleton_mask()[d], dataset_index=np.int32(d))
     if cfg.host_targets:
+      out["image"] = _normalize_bgr_crop(crop_bgr)
       make_target = transforms.udp_target if cfg.use_udp(d) else transforms.msra_target
       out["target"], out["target_weight"] = make_target(
           joints, vis, cfg.image_size_wh, cfg.heatmap_size_wh, sigma=cfg.sigma,
           num_channels=k_max)
     else:
+      out["image"] = cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2RGB)
       k = len(vis)
       out["joints"] = np.zeros((k_max, 2), np.float32)
       out["joints"][:k] = joints

@@ -343,8 +343,10 @@ def test_device_targets_match_the_host_targets_on_real_samples(real_sources):
   want = [host.random_map(r, np.random.default_rng(i)) for i, r in enumerate(recs)]
   got = [dev.random_map(r, np.random.default_rng(i)) for i, r in enumerate(recs)]
   assert "target" not in got[0] and got[0]["joints"].shape == (133, 2)
+  assert got[0]["image"].dtype == np.uint8  # The compact batch: normalised on the device.
   stack = lambda xs, k: np.stack([x[k] for x in xs])
-  np.testing.assert_array_equal(stack(got, "image"), stack(want, "image"))
+  np.testing.assert_array_equal(np.asarray(pipeline.normalize_on_device(stack(got, "image"))),
+                                stack(want, "image"))
   spec = device_targets.TargetSpec.from_topdown(_real_cfg())
   target, weight = device_targets.jitted_dataset_targets(spec)(
       stack(got, "joints"), stack(got, "joint_vis"), stack(got, "dataset_index"))
