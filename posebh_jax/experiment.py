@@ -18,7 +18,7 @@ from data_pipelines import coco_reader, pipeline, readers, tfds_builders
 from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
                                       SkeletonLayout, resolve_skeleton)
 from data_pipelines.synthetic import generate as synthetic_generate
-from posebh_jax import distributed
+from posebh_jax.train import distributed
 from posebh_jax.models.heads import ProtoHeadConfig
 from posebh_jax.models.posebh import PoseBHModel
 from posebh_jax.models.vit_moe import ViTMoEConfig

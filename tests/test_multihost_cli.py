@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 900  # Per multi-process run: CPU collectives are slow on a loaded 2-core machine.
 # Small, uneven evaluation shares (11 instances per dataset over 2 processes: 6 + 5, in batches
 # of 2 rows per process with padding) and a short run.
+# One training stage (no prototype freeze / CPS / CSS): one step compilation per run.
 COMMON = ["--config=configs/synthetic.py:tiny", "--config.data.synthetic.num_val=11",
-          "--config.eval.batch_size=4"]
+          "--config.eval.batch_size=4", "--config.schedule.proto_freeze_step=-1",
+          "--config.schedule.cps_start_step=-1", "--config.schedule.css_start_step=-1"]
 
 
 def _free_port() -> int:
@@ -96,9 +98,11 @@ def _losses(workdir: str) -> dict[int, float]:
 def trained(tmp_path_factory):
   """A 2-process training run killed after its first checkpoint and resumed to the end."""
   root = tmp_path_factory.mktemp("multihost_cli")
-  workdir, logs = str(root / "train"), str(root / "logs")
+  workdir, logs, cache = str(root / "train"), str(root / "logs"), str(root / "jax_cache")
+  # The persistent compilation cache outside the workdir, shared by both attempts: the resumed
+  # run reuses the killed run's compiled step.
   args = [*COMMON, f"--workdir={workdir}", "--config.train.checkpoint_every=2",
-          "--config.train.log_every=1"]
+          "--config.train.log_every=1", f"--config.train.compilation_cache={cache}"]
   # First attempt: far more steps than needed; SIGKILL both processes once a checkpoint is
   # complete (orbax renames the step directory when the save is finished).
   procs = _launch("posebh_jax.main_train", [*args, "--config.train.num_steps=1000"], 2, 2, logs)
@@ -121,7 +125,8 @@ def trained(tmp_path_factory):
   final = killed_at + 2
   out = _run("posebh_jax.main_train", [*args, f"--config.train.num_steps={final}"], 2, 2,
              logs)
-  return dict(workdir=workdir, logs=logs, killed_at=killed_at, final=final, out=out)
+  return dict(workdir=workdir, logs=logs, killed_at=killed_at, final=final, out=out,
+              cache=cache)
 
 
 def test_train_from_fresh_workdir_killed_resumed_and_evaluated(trained):
@@ -139,6 +144,7 @@ def test_train_from_fresh_workdir_killed_resumed_and_evaluated(trained):
   assert all(np.isfinite(v) for v in losses.values())
   # Data generated once, by process 0, in the fresh workdir.
   assert os.path.isfile(os.path.join(workdir, "synthetic_data", "manifest.json"))
+  assert os.listdir(trained["cache"])  # Compiled executables persisted for the next start.
 
 
 def test_eval_on_two_processes_equals_one(trained, tmp_path):
@@ -148,9 +154,9 @@ def test_eval_on_two_processes_equals_one(trained, tmp_path):
     os.makedirs(wd)
     os.symlink(os.path.join(trained["workdir"], "checkpoints"), os.path.join(wd, "checkpoints"))
     data = os.path.join(trained["workdir"], "synthetic_data")
-    _run("posebh_jax.main_eval", [*COMMON, f"--workdir={wd}", f"--config.data.root={data}"],
-         nproc, devices, str(tmp_path / "logs"))
-    with open(os.path.join(wd, "eval", f"metrics_{trained['final']}.json")) as f:
+    _run("posebh_jax.main_eval", [*COMMON, f"--workdir={wd}", f"--config.data.root={data}",
+                                  f"--out={wd}/out"], nproc, devices, str(tmp_path / "logs"))
+    with open(os.path.join(wd, "out", f"metrics_{trained['final']}.json")) as f:
       metrics[nproc] = json.load(f)
   assert metrics[2]["per_dataset"]["synth_coco"]["num_instances"] == 11
   assert metrics[2] == metrics[1]
