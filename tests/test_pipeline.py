@@ -145,6 +145,18 @@ def test_one_batch_sharding_places_every_row_once(shape):
       (2 * i, 2 * i + 1) for i in range(8)]
 
 
+def test_multi_process_mesh_must_use_every_device():
+  # 2 hosts x 2 devices with mesh.data=2: host 1 would feed no device (and an obscure failure
+  # follow); refused in one line that says what to set.
+  import types
+  import ml_collections
+  from posebh_jax.train import sharding
+  devices = [types.SimpleNamespace(id=i, process_index=i // 2) for i in range(4)]
+  with pytest.raises(ValueError, match=r"mesh.data=2 x mesh.fsdp=1 = 2 devices, but a "
+                     r"multi-process mesh must use all 4 devices of its 2 processes"):
+    sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1)), devices)
+
+
 def test_corrupt_or_missing_image_names_file_and_record(sources, tmp_path):
   bad = dict(sources[0][0])
   bad["image_path"] = str(tmp_path / "broken.jpg")
