@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipeline, transforms
 from posebh_jax.evaluation import decode
+from posebh_jax.train import distributed
 from posebh_jax.prototypes import prototype_heatmap
 
 ROUTES = ("head", "prototypes")
@@ -271,6 +272,7 @@ class TopDownPredictor:
     self.local_batch_size = (batch_size if mesh is None else
                              len(pipeline.host_batch_rows(batch_size, mesh)))
     self._fns: dict[tuple[int, str, int | None], Callable[..., jax.Array]] = {}
+    self._compiled: dict[tuple[int, str, int | None], Any] = {}  # Multi-process: AOT, see below.
 
   def decoding(self, a: int) -> SkeletonDecoding:
     return skeleton_decoding(self.td_cfg, a)
@@ -314,7 +316,16 @@ class TopDownPredictor:
       if len(crops) > self.local_batch_size:
         raise ValueError(f"a batch of {len(crops)} crops exceeds this process's batch size "
                          f"{self.local_batch_size}")
-      result = fn(params, batch_stats, prototypes, *self._device_batch(crops, center, scale))
+      args = (params, batch_stats, prototypes, *self._device_batch(crops, center, scale))
+      if pending is None and jax.process_count() > 1:
+        # Hosts compile at different speeds: compile first, then meet at a barrier that waits
+        # long, so that the first collective (gloo on CPU: 30 s) finds every peer there.
+        key = (a, through, expert)
+        if key not in self._compiled:
+          self._compiled[key] = fn.lower(*args).compile()
+        fn = self._compiled[key]
+        distributed.barrier(f"predict {a} {through} {expert}")
+      result = fn(*args)
       if pending is not None:
         outs.append(local_rows(pending[0])[:pending[1]])
       pending = (result, len(crops))
@@ -386,6 +397,7 @@ def gather_shares(mine: np.ndarray, shares: Sequence[tuple[int, int]]) -> np.nda
   """Every process's share (`[n_p, ...]`, n_p = stop - start of `shares[p]`) → all of them in
   order, on every process (one `process_allgather` of equal-size padded arrays)."""
   from jax.experimental import multihost_utils
+  distributed.barrier("gather predictions")  # Shares of unequal host work: meet first.
   longest = max(hi - lo for lo, hi in shares)
   padded = np.zeros((longest,) + mine.shape[1:], mine.dtype)
   padded[:len(mine)] = mine

@@ -26,6 +26,7 @@ from data_pipelines import device_targets, pipeline
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
+from posebh_jax.train import distributed
 from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
@@ -197,6 +198,8 @@ class StageSteps:
                                     trainable, targets=self._targets)
       self.compiled[key] = fn.lower(state, batch).compile()
       self.flops[key] = throughput.compiled_flops(self.compiled[key])
+      # Compile times differ between hosts; the step's first collective must not time out.
+      distributed.barrier(f"compiled stage at step {step}")
     return self.compiled[key](state, batch)
 
   def flops_at(self, step: int) -> float | None:
@@ -343,6 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      prefetch=config.data.prefetch)
 
   # --- Checkpoint / resume --------------------------------------------------------------------
+  # Hosts reach this point minutes apart under load; the checkpoint manager's first collective
+  # (gloo on CPU) waits only 30 s for its peers: line them up at a barrier that waits long.
+  distributed.barrier("checkpointer")
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   meta = experiment.checkpoint_meta(config, layout)
   latest = ckpt.latest_step()
