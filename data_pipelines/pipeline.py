@@ -23,8 +23,9 @@ about 150 KB per PoseBH-B sample (256×192 crop, K_max = 133) instead of 2.2 MB.
 Order of operations: each source is shuffled and repeated with its own seed, then the sources
 are mixed with weights, then augmented with a per-sample RNG (seeded by the global sample index,
 so a restored iterator reproduces the same batches), then each host takes its rows of every
-global batch (`HostRows`) and batches them with `drop_remainder`. All of this is a `grain.MapDataset`, so an iterator's state is its position
-and restores exactly, with or without worker processes (no `IterDataset`-level mixing needed).
+global batch (`HostRows`) and batches them with `drop_remainder`. All of this is a
+`grain.MapDataset`, so an iterator's state is its position and restores exactly, with or without
+worker processes (no `IterDataset`-level mixing needed).
 
 Sources are in-memory record lists or any random-access sequence of the same record dicts (e.g.
 `tfds_builders.TfdsRecords` over an ArrayRecord data source), whose records hold either an

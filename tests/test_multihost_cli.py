@@ -14,6 +14,7 @@ Every process runs the console-script entry point (`python -m posebh_jax.main_*`
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,11 +42,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(module: str, args: list[str], nproc: int, devices: int, log_dir: str
-            ) -> list[tuple[subprocess.Popen, str]]:
+def _launch(module: str, args: list[str], nproc: int, devices: int, log_dir: str,
+            **env_vars: str) -> list[tuple[subprocess.Popen, str]]:
   """Starts `python -m module args` on `nproc` processes of `devices` CPU devices each."""
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env_vars)
   port = _free_port()
   procs = []
   os.makedirs(log_dir, exist_ok=True)
@@ -154,11 +155,14 @@ def test_eval_on_two_processes_equals_one(trained, tmp_path):
     os.makedirs(wd)
     os.symlink(os.path.join(trained["workdir"], "checkpoints"), os.path.join(wd, "checkpoints"))
     data = os.path.join(trained["workdir"], "synthetic_data")
+    # Wide PCK thresholds too: a 4-step model is rarely within 0.1 of the box size.
     _run("posebh_jax.main_eval", [*COMMON, f"--workdir={wd}", f"--config.data.root={data}",
-                                  f"--out={wd}/out"], nproc, devices, str(tmp_path / "logs"))
+                                  f"--out={wd}/out", "--config.eval.pck_thresholds=(0.1,0.3,1.0)"],
+         nproc, devices, str(tmp_path / "logs"))
     with open(os.path.join(wd, "out", f"metrics_{trained['final']}.json")) as f:
       metrics[nproc] = json.load(f)
   assert metrics[2]["per_dataset"]["synth_coco"]["num_instances"] == 11
+  assert any(0 < v["pck@0.3"] < 1 for v in metrics[1]["per_dataset"].values())
   assert metrics[2] == metrics[1]
 
 
@@ -182,3 +186,28 @@ def test_fsdp_across_processes_reaches_every_row(tmp_path):
   for step in (1, 2, 3):
     np.testing.assert_allclose(runs["fsdp"][step], runs["one"][step], rtol=1e-4,
                                err_msg=f"step {step}")
+
+
+def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path):
+  # Without JAX's preemption service, SIGTERM to ONE process: every process saves the same step
+  # and exits 0 (a per-process flag would leave the other host waiting in a collective).
+  workdir = str(tmp_path / "run")
+  procs = _launch("posebh_jax.main_train",
+                  [*COMMON, f"--config.data.root={tmp_path / 'data'}", f"--workdir={workdir}",
+                   "--config.train.num_steps=1000", "--config.train.checkpoint_every=1000",
+                   "--config.train.log_every=1", "--config.train.eval_at_end=False"],
+                  2, 2, str(tmp_path / "logs"), JAX_ENABLE_PREEMPTION_SERVICE="false")
+  metrics = os.path.join(workdir, "train_metrics.jsonl")
+  deadline = time.time() + TIMEOUT_S
+  while time.time() < deadline and not os.path.exists(metrics):
+    if any(p.poll() is not None for p, _ in procs):
+      break
+    time.sleep(0.2)
+  procs[1][0].send_signal(signal.SIGTERM)  # Host 1 only.
+  logs = _wait(procs)
+  stops = [re.search(r"stopped at step (\d+) \(preemption/SIGTERM\)", t) for t in logs]
+  assert all(stops), [t[-2000:] for t in logs]
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step and 1 <= step < 1000
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+

@@ -50,3 +50,74 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     return
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices(name)
+
+
+class SignalStop:
+  """SIGTERM on any process → every process checkpoints and stops at the same step, where JAX's
+  preemption service is absent (`jax_enable_preemption_service=False`, or a runtime without it).
+
+  A flag alone cannot work on several processes: hosts would stop at different steps and wait
+  forever in each other's collectives. So the signalled process proposes a stop step a few
+  steps ahead through the coordination service's key-value store (the first proposal wins), and
+  every process polls that key at each step boundary (a small RPC, no device collective). Hosts
+  are at most a couple of steps apart (each reads the previous step's finiteness flag, which needs
+  every host's part of that step), so `MARGIN` steps ahead is still ahead for everyone.
+
+  Single process, or with the preemption service running: inactive (`checkpoint.PreemptionWatch`
+  covers those).
+  """
+
+  MARGIN = 4
+  KEY = "posebh/stop_step"
+
+  def __init__(self):
+    import signal
+    import threading
+
+    import jax
+    from jax._src import distributed
+    self.signalled = False
+    self._stop: int | None = None
+    self._proposed = False
+    self._previous = None
+    self._client = None
+    state = distributed.global_state
+    if (jax.process_count() > 1 and state.client is not None
+        and state.preemption_sync_manager is None
+        and threading.current_thread() is threading.main_thread()):
+      self._client = state.client
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  @property
+  def active(self) -> bool:
+    return self._client is not None
+
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    import logging
+    logging.getLogger("posebh").warning(
+        "received signal %d: all processes checkpoint and stop a few steps ahead", signum)
+    self.signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether every process stops before running `step` (True on all of them at one step)."""
+    if self._client is None:
+      return False
+    if self.signalled and not self._proposed:
+      self._proposed = True
+      try:
+        self._client.key_value_set(self.KEY, str(step + self.MARGIN))
+      except Exception:  # pylint: disable=broad-except
+        pass  # Another process proposed first: its step holds.
+    if self._stop is None:
+      try:
+        self._stop = int(self._client.key_value_try_get(self.KEY))
+      except Exception:  # pylint: disable=broad-except
+        return False  # No proposal yet (NOT_FOUND).
+    return step >= self._stop
+
+  def close(self) -> None:
+    if self._previous is not None:
+      import signal
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None

@@ -378,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True)
   t_log, steps_since_log = time.time(), 0
   preemption = checkpoint_lib.PreemptionWatch(ckpt)
+  signal_stop = distributed.SignalStop()  # Multi-process SIGTERM without the preemption service.
   profiler = StepProfiler(config, workdir)
   pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
@@ -387,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   redirect.__enter__()
   try:
     for step in range(start_step, num_steps):
-      if preemption.should_stop(step):
+      if preemption.should_stop(step) or signal_stop.should_stop(step):
         check_finite(pending, ckpt)
         pending = None
         if ckpt.latest_step() != step:
@@ -440,6 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     redirect.__exit__(None, None, None)
     bar.close()
     preemption.close()
+    signal_stop.close()
     profiler.close()
     ckpt.wait()
   if stopped_at is not None:
