@@ -61,8 +61,6 @@ def main(argv) -> None:
     config_checks.check_config(_CONFIG.value)
     if _DISTRIBUTED.value or _CONFIG.value.distributed.enabled:
       # The same command on every host: each predicts a share, process 0 writes the metrics.
-      import jax
-      jax.config.update("jax_threefry_partitionable", True)  # As posebh-train.
       from posebh_jax.train import distributed
       distributed.initialize_distributed(_CONFIG.value.distributed)
     if _WEIGHTS.value is not None:
