@@ -11,11 +11,14 @@ targets with weights.
                 image, joints moved one by one, and the MSRA/UDP targets drawn keypoint by
                 keypoint in Python loops (mmpose's `_msra_generate_target` /
                 `_udp_generate_target`), padded to 133 and stacked into batches.
-  ours          `pipeline.mixed_train_dataset` (grain `MapDataset`: mix, per-record RNG,
-                `TopDownTrainTransform`, batching), read in the main thread.
-  ours, device targets
-                the same pipeline with `host_targets=False` (it ships crop-space joints), plus
-                `device_targets.dataset_targets` jitted on this machine's JAX device per batch.
+  ours (default)
+                `pipeline.mixed_train_dataset` with the configs' default compact batch
+                (`data.device_targets=True`: uint8 crops + crop-space joints; the step
+                normalises and draws the targets on the accelerator), read in the main thread.
+  ours, host targets
+                the same pipeline with `host_targets=True` (float crops and 133-channel
+                heatmaps made on the host), plus, for reference, `device_targets.dataset_targets`
+                jitted on this machine's JAX device per batch.
 
 First both sides are run on the same records with the same generator and their outputs
 compared, so the comparison is of the same work. Throughput is samples per CPU-second of this
@@ -24,6 +27,10 @@ time is printed too. Rounds alternate between the sides and the median round is 
 load from other processes on the machine hits both alike.
 
   python benchmarks/input_pipeline.py [--samples=../shared/data/samples] [--n=240] [--rounds=3]
+
+It prints `bytes per sample: N` (what one default training sample ships to the device, PoseBH-B
+shapes; goal <= 200,000) and `ratio: R` (the default path's samples per CPU-second over the
+OpenCV loop's; goal >= 2.0).
 
 The sample files hold 2-12 instances each; the records are repeated to 10,000 per dataset
 (`--tile`) so that grain's index shuffle works on a realistic domain (see `main`).
@@ -151,7 +158,9 @@ def main() -> None:
   config.data.root = args.samples
   config.data.image_size, config.data.heatmap_size = (256, 192), (64, 48)  # The real sizes.
   layout = experiment.build_layout(config)
-  td = experiment.topdown_config(config, layout)
+  td_default = experiment.topdown_config(config, layout)
+  # The OpenCV loop makes float crops and heatmaps: compare with the host-target settings.
+  td = dataclasses.replace(td_default, host_targets=True)
   files = experiment.resolve_dataset_files(config, "")
   samples, _ = experiment.load_records(config, layout, files, "train")
   # Each dataset's records repeated (references, not copies) to a real dataset's size: grain's
@@ -184,11 +193,23 @@ def main() -> None:
   nb = max(1, args.n // args.batch)
   n = nb * args.batch
   host_ds = pipeline.mixed_train_dataset(sources, weights, td, batch_size=args.batch, seed=0)
-  td_dev = dataclasses.replace(td, host_targets=False)
+  td_dev = td_default
+  assert not td_dev.host_targets, "the configs' default is the compact batch"
   joints_ds = pipeline.mixed_train_dataset(sources, weights, td_dev, batch_size=args.batch,
                                            seed=0)
   targets_fn = device_targets.jitted_dataset_targets(device_targets.TargetSpec.from_topdown(td))
   first = joints_ds[0]
+  per_sample = lambda b: sum(np.asarray(v).nbytes for v in b.values()) // args.batch
+  default_bytes, host_bytes = per_sample(first), per_sample(host_ds[0])
+  # The device's inputs are identical: normalised crops bit for bit, targets to float32 rounding.
+  dev_in = {k: np.asarray(v) for k, v in zip(("target", "target_weight"), targets_fn(
+      first["joints"], first["joint_vis"], first["dataset_index"]))}
+  ref = host_ds[0]
+  same_image = np.array_equal(np.asarray(pipeline.normalize_on_device(first["image"])),
+                              ref["image"])
+  print(f"default (compact) vs host-target batch 0: normalised crops equal: {same_image}; "
+        f"targets max |diff| {np.abs(dev_in['target'] - ref['target']).max():.1e}; "
+        f"weights equal: {np.array_equal(dev_in['target_weight'], ref['target_weight'])}")
   targets_fn(first["joints"], first["joint_vis"], first["dataset_index"])[0].block_until_ready()
   joint_batches = [joints_ds[i] for i in range(nb)]  # Inputs of the device-target timing.
   offset = [0]
@@ -231,7 +252,7 @@ def main() -> None:
   sides = {
       "opencv loop (decode+augment+target+normalise)": opencv_loop,
       "ours: grain pipeline, host targets": ours(host_ds),
-      "ours: grain pipeline, joints only (host_targets=False)": ours(joints_ds),
+      "ours (default): compact batch, targets on the device": ours(joints_ds),
       "device targets (jitted, this machine's JAX device)": device_only,
       "host targets alone (numpy encoders)": host_target_only,
       "decode alone (cv2.imread)": decode_only,
@@ -254,13 +275,15 @@ def main() -> None:
     print(f"  {name:58s} {cpu_rate:8.1f} /s  ({wall_rate:.1f} /s wall)")
   base = rate("opencv loop (decode+augment+target+normalise)")[0]
   host = rate("ours: grain pipeline, host targets")[0]
-  joints_only = rate("ours: grain pipeline, joints only (host_targets=False)")[0]
+  joints_only = rate("ours (default): compact batch, targets on the device")[0]
   dev = rate("device targets (jitted, this machine's JAX device)")[0]
   combined = 1.0 / (1.0 / joints_only + 1.0 / dev)
   decode = rate("decode alone (cv2.imread)")[0]
-  print(f"\nratio ours / opencv loop (host targets): {host / base:.2f}x (goal >= 2x)")
-  print(f"ratio ours with device targets (host part only, what feeds an accelerator) / opencv "
-        f"loop: {joints_only / base:.2f}x")
+  print(f"\nbytes per sample: {default_bytes} (default compact batch; host targets: "
+        f"{host_bytes}; goal <= 200,000)")
+  print(f"ratio: {joints_only / base:.2f} (default path, host work per sample that feeds the "
+        f"accelerator, vs the opencv loop; goal >= 2.0)")
+  print(f"ratio ours with host targets / opencv loop: {host / base:.2f}x")
   print(f"ratio ours with device targets computed on this same CPU (host + device time) / "
         f"opencv loop: {combined / base:.2f}x")
   print(f"decode alone is {decode / base:.2f}x the opencv loop's rate: the ceiling of any "

@@ -59,12 +59,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.heatmap_size = (64, 48)  # (H, W).
   c.data.sigma = 2.0
   c.data.bbox_padding = 1.25
-  c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
+  # grain worker processes; 0 reads in the main process; -1 (auto): 0 where the devices are
+  # the CPU (workers would compete with the step for the same cores), else half the host's
+  # CPUs, at most 16 (experiment.num_input_workers): a TPU/GPU host decodes and augments in
+  # parallel while its accelerators compute.
+  c.data.num_workers = -1
   c.data.prefetch = 2
   # Training images that are missing, undecodable (corrupt, truncated) or not their annotated
   # size are skipped (a zero-weight stand-in, logged with the file); more than this many in one
   # run of posebh-train stops it with a message naming the last one. -1: no limit.
   c.data.max_bad_images = 100
+  # Compact batches: the host ships uint8 crops and crop-space joints (~150 KB per PoseBH-B
+  # sample instead of 2.2 MB); the step normalises and draws the MSRA/UDP heatmaps on the
+  # device (data_pipelines/device_targets.py; same losses: tests/test_train_step.py).
+  # False: float crops and heatmaps made on the host.
+  c.data.device_targets = True
   c.data.aug = ml_collections.ConfigDict(dict(
       flip=True, half_body_prob=0.3, num_joints_half_body=8, scale_factor=0.5,
       rot_factor=40.0, rot_prob=0.6))
@@ -137,7 +146,13 @@ def base_config() -> ml_collections.ConfigDict:
       layer_decay=1.0, layer_decay_num_layers=-1,
       clip_norm=1.0, log_every=50, checkpoint_every=500, keep_checkpoints=3, eval_at_end=True,
       # Evaluate (posebh_jax/train/loop.py::evaluate) every this many steps; -1 = off.
-      eval_every=-1))
+      eval_every=-1,
+      # JAX's persistent compilation cache: restarts, resumed jobs and stage changes reuse
+      # compiled steps. "auto" = <workdir>/compilation_cache; "" = off; or any directory/URL.
+      compilation_cache="auto",
+      # jax.profiler trace of `profile_num_steps` steps from `profile_start_step` (-1: off)
+      # into <workdir>/profile (TensorBoard's profile plugin / Perfetto read it).
+      profile_start_step=-1, profile_num_steps=3))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=64, pck_thresholds=(0.05, 0.1), flip_test=False))

@@ -19,6 +19,7 @@ from data_pipelines import coco_reader, pipeline, readers, storage, tfds_builder
 from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
                                       SkeletonLayout, resolve_skeleton)
 from data_pipelines.synthetic import generate as synthetic_generate
+from posebh_jax.train import distributed
 from posebh_jax.models.heads import ProtoHeadConfig
 from posebh_jax.models.posebh import PoseBHModel
 from posebh_jax.models.vit_moe import ViTMoEConfig
@@ -101,7 +102,10 @@ def topdown_config(config: ml_collections.ConfigDict, layout: SkeletonLayout
       sigma=config.data.sigma, flip=aug.flip, half_body_prob=aug.half_body_prob,
       num_joints_half_body=aug.num_joints_half_body, scale_factor=aug.scale_factor,
       rot_factor=aug.rot_factor, rot_prob=aug.rot_prob,
-      half_body=tuple(bool(e.get("half_body", True)) for e in dataset_entries(config)))
+      half_body=tuple(bool(e.get("half_body", True)) for e in dataset_entries(config)),
+      # The compact batch (uint8 crops + joints; targets drawn in the step) unless the config
+      # asks for host-made targets.
+      host_targets=not bool(config.data.get("device_targets", True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +206,17 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
     syn = config.data.synthetic
     synthetic = tuple(e.skeleton for n, e in zip(names, entries) if is_generated(config, n, e))
     if synthetic:
-      generated = synthetic_generate.generate_synthetic_datasets(
-          root or storage.join(workdir, "synthetic_data"), num_train=syn.num_train,
-          num_val=syn.num_val, seed=syn.seed, image_size=tuple(syn.image_size),
-          skeletons=synthetic)
+      out_dir = root or storage.join(workdir, "synthetic_data")
+      generate = lambda: synthetic_generate.generate_synthetic_datasets(
+          out_dir, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
+          image_size=tuple(syn.image_size), skeletons=synthetic)
+      # The same command on every host: process 0 generates while the others wait; then the
+      # others find the data (shared workdir) or, on a host-local disk, generate the identical
+      # data themselves (every image is a function of its seed and index).
+      if distributed.is_main():
+        generate()
+      distributed.barrier(f"synthetic data {out_dir}")
+      generated = generate()
   out = []
   for n, e in zip(names, entries):
     if is_generated(config, n, e):
@@ -301,3 +312,16 @@ def checkpoint_meta(config: ml_collections.ConfigDict, layout: SkeletonLayout) -
                  head_deconv_filters=list(m.head_deconv_filters),
                  use_proto_head=bool(m.use_proto_head), proto_dim=m.proto.out_channels,
                  num_clusters=m.proto.num_clusters))
+
+
+def num_input_workers(config: ml_collections.ConfigDict) -> int:
+  """`data.num_workers`, with -1 (auto) resolved: 0 on CPU devices (the step uses the cores),
+  else half the host's CPUs, at most 16 (each worker decodes and augments whole batches)."""
+  n = int(config.data.num_workers)
+  if n >= 0:
+    return n
+  import jax
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(1, min(16, (os.cpu_count() or 2) // 2))
+

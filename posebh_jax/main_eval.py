@@ -8,7 +8,8 @@ Each dataset is scored as the reference scores it (spec §5.1): OKS AP/AR throug
 the COCO-format sets (WholeBody with its part breakdown), PCKh for MPII, box-normalised PCK for
 the synthetic data. Prints the table and writes metrics_<step>.json and results_<step>/ to --out
 (default <workdir>/eval_cli/<selection>/: never the training run's own eval/). Converted weights
-have no step: metrics_0.json.
+have no step: metrics_0.json. On a pod, run the same command on every host with --distributed
+(or --config.distributed.*): each host predicts a share of the instances, process 0 writes.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _BOXES = flags.DEFINE_enum(
 _OUT = flags.DEFINE_string(
     "out", None, "Folder for this evaluation's metrics_<step>.json and results_<step>/ "
     "(default: <workdir>/eval_cli/<datasets>[_<boxes>_boxes]).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host: run the same command "
+    "on every host); same as --config.distributed.enabled=True.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -55,6 +59,10 @@ def main(argv) -> None:
   selection = dict(datasets=_DATASETS.value, boxes=_BOXES.value, out_dir=_OUT.value)
   try:
     config_checks.check_config(_CONFIG.value)
+    if _DISTRIBUTED.value or _CONFIG.value.distributed.enabled:
+      # The same command on every host: each predicts a share, process 0 writes the metrics.
+      from posebh_jax.train import distributed
+      distributed.initialize_distributed(_CONFIG.value.distributed)
     if _WEIGHTS.value is not None:
       evaluate.evaluate_weights(_CONFIG.value, _WEIGHTS.value, _WORKDIR.value, **selection)
     else:

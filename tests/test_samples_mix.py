@@ -226,7 +226,8 @@ def test_sample_mix_trains_and_evaluates_from_tfds(built, tmp_path, monkeypatch)
   to_global = pipeline.to_global_batch
 
   def spy(local_batch, mesh):
-    if "target" in local_batch:  # A training batch (the evaluation's crops pass here too).
+    # A training batch (compact by default: joints; the evaluation's crops pass here too).
+    if "target" in local_batch or "joints" in local_batch:
       seen.append(np.asarray(local_batch["dataset_index"]))
     return to_global(local_batch, mesh)
 

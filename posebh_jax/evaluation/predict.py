@@ -11,7 +11,8 @@ back-projection for "udp" datasets (COCO, MPII), argmax + quarter offset + stand
 back-projection for the others. Everything from the crops to image-space keypoints is one jitted
 function with static shapes, compiled once per (skeleton, route, flip) for a fixed batch size.
 
-The host side (`TopDownPredictor.predict_records`) reads each image once for all its
+The host side (`TopDownPredictor.predict_records`) splits the records between processes
+(each predicts a disjoint share; the predictions are gathered), reads each image once for all its
 consecutive records, crops with a's affine (UDP or standard, exactly as `TopDownEvalTransform`),
 pads the last batch, and overlaps the host work of one batch with the device work of the
 previous one (JAX dispatch is asynchronous).
@@ -30,6 +31,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipeline, transforms
 from posebh_jax.evaluation import decode
+from posebh_jax.train import distributed
 from posebh_jax.prototypes import prototype_heatmap
 
 ROUTES = ("head", "prototypes")
@@ -219,12 +221,43 @@ def prediction_record(record: Mapping[str, Any], keypoints: np.ndarray, index: i
   return out
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in global order, as numpy.
+
+  On one process this is the whole array; on several it is the rows that this process fed
+  (`pipeline.host_batch_rows`): each row range is taken once, however many devices replicate it.
+  """
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for s in x.addressable_shards:
+    start = s.index[0].start or 0
+    shards.setdefault(start, s.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def process_share(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, stop) of process `process_index`'s contiguous share of n instances (the first
+  processes take one more when n does not divide; consecutive records of an image stay on one
+  host except at the share boundaries)."""
+  per, extra = divmod(n, process_count)
+  start = process_index * per + min(process_index, extra)
+  return start, start + per + (process_index < extra)
+
+
 class TopDownPredictor:
   """Batched top-down prediction for every (skeleton, route) of one model.
 
   Holds one jitted predict function per (skeleton a, route, expert); each compiles once for the
-  fixed `batch_size` (the last batch is padded). With a `mesh`, batches are split over its
-  `data` axis (the variables must then be placed on the mesh, e.g. replicated).
+  fixed `batch_size` (the last batch is padded). With a `mesh`, batches are split over all its
+  devices (`pipeline.batch_sharding`; the variables must then be placed on the mesh, e.g.
+  replicated or FSDP-sharded).
+
+  On several processes (`jax.process_count() > 1`), `predict_records` gives each process a
+  disjoint contiguous share of the records: each feeds its rows of every global batch (padded
+  with masked rows to the same number of batches on every host, so the shapes stay static and
+  the collectives line up), then the predictions are gathered (`process_allgather`) so that
+  every process returns all of them in record order: the metrics equal a single-process run.
   """
 
   def __init__(self, model: nn.Module, td_cfg: pipeline.TopDownConfig, *, batch_size: int,
@@ -235,7 +268,11 @@ class TopDownPredictor:
       raise ValueError(f"batch size {batch_size} is not divisible by {mesh.devices.size} devices")
     self.model, self.td_cfg, self.mesh = model, td_cfg, mesh
     self.batch_size, self.flip_test = batch_size, flip_test
+    # Rows this process feeds per global batch (all of them on one process).
+    self.local_batch_size = (batch_size if mesh is None else
+                             len(pipeline.host_batch_rows(batch_size, mesh)))
     self._fns: dict[tuple[int, str, int | None], Callable[..., jax.Array]] = {}
+    self._compiled: dict[tuple[int, str, int | None], Any] = {}  # Multi-process: AOT, see below.
 
   def decoding(self, a: int) -> SkeletonDecoding:
     return skeleton_decoding(self.td_cfg, a)
@@ -251,8 +288,9 @@ class TopDownPredictor:
 
   def _device_batch(self, crops: np.ndarray, center: np.ndarray, scale: np.ndarray
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pads to the batch size and places the batch (split over the mesh if any)."""
-    n, bs = len(crops), self.batch_size
+    """Pads this host's rows to the local batch size and places the global batch (split over
+    the mesh if any)."""
+    n, bs = len(crops), self.local_batch_size
     if n < bs:  # Padding rows: zero crops and unit boxes, dropped after decoding.
       crops = np.concatenate([crops, np.zeros((bs - n,) + crops.shape[1:], crops.dtype)])
       center = np.concatenate([center, np.zeros((bs - n, 2), np.float32)])
@@ -267,32 +305,47 @@ class TopDownPredictor:
                     through: str = "head", expert: int | None = None) -> np.ndarray:
     """Keypoints `[N, K_a, 3]` of host batches (crops `[n, H, W, 3]`, center, scale `[n, 2]`).
 
-    Each batch holds at most `batch_size` instances. The next batch is prepared on the host
-    while the device works on the current one.
+    Each batch holds at most `local_batch_size` instances (this process's rows of a global
+    batch; = `batch_size` on one process). On several processes every process must pass the
+    same number of batches (each is one collective step). The next batch is prepared on the
+    host while the device works on the current one.
     """
     fn = self.predict_fn(a, through, expert)
     outs, pending = [], None
     for crops, center, scale in batches:
-      if len(crops) > self.batch_size:
-        raise ValueError(f"a batch of {len(crops)} crops exceeds batch_size {self.batch_size}")
-      result = fn(params, batch_stats, prototypes, *self._device_batch(crops, center, scale))
+      if len(crops) > self.local_batch_size:
+        raise ValueError(f"a batch of {len(crops)} crops exceeds this process's batch size "
+                         f"{self.local_batch_size}")
+      args = (params, batch_stats, prototypes, *self._device_batch(crops, center, scale))
+      if pending is None and jax.process_count() > 1:
+        # Hosts compile at different speeds: compile first, then meet at a barrier that waits
+        # long, so that the first collective (gloo on CPU: 30 s) finds every peer there.
+        key = (a, through, expert)
+        if key not in self._compiled:
+          self._compiled[key] = fn.lower(*args).compile()
+        fn = self._compiled[key]
+        distributed.barrier(f"predict {a} {through} {expert}")
+      result = fn(*args)
       if pending is not None:
-        outs.append(np.asarray(pending[0])[:pending[1]])
+        outs.append(local_rows(pending[0])[:pending[1]])
       pending = (result, len(crops))
     if pending is not None:
-      outs.append(np.asarray(pending[0])[:pending[1]])
+      outs.append(local_rows(pending[0])[:pending[1]])
     if not outs:
       return np.zeros((0, self.td_cfg.layout.num_keypoints[a], 3), np.float32)
     return np.concatenate(outs)
 
-  def record_batches(self, records: Sequence[Mapping[str, Any]], a: int
+  def record_batches(self, records: Sequence[Mapping[str, Any]], a: int,
+                     num_batches: int | None = None
                      ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Host batches of `records` cropped for skeleton a; each image is read once per run of
-    consecutive records that share it."""
+    """Host batches (of `local_batch_size`) of `records` cropped for skeleton a; each image is
+    read once per run of consecutive records that share it. `num_batches`: pad with empty
+    batches up to this count (every process must step the same number of times)."""
     dec = self.decoding(a)
     cached_path, image = None, None
-    for start in range(0, len(records), self.batch_size):
-      chunk = records[start:start + self.batch_size]
+    bs, count = self.local_batch_size, 0
+    for start in range(0, len(records), bs):
+      chunk = records[start:start + bs]
       crops, centers, scales = [], [], []
       for record in chunk:
         if "image_path" not in record or record["image_path"] != cached_path:
@@ -304,7 +357,13 @@ class TopDownPredictor:
         crops.append(crop_instance(image, center, scale, dec))
         centers.append(center)
         scales.append(scale)
+      count += 1
       yield np.stack(crops), np.stack(centers), np.stack(scales)
+    w, h = dec.image_size_wh
+    while num_batches is not None and count < num_batches:
+      count += 1
+      yield (np.zeros((0, h, w, 3), np.float32), np.zeros((0, 2), np.float32),
+             np.zeros((0, 2), np.float32))
 
   def predict_records(self, params: Any, batch_stats: Any, prototypes: jax.Array | None,
                       records: Sequence[Mapping[str, Any]], a: int, *, through: str = "head",
@@ -312,10 +371,35 @@ class TopDownPredictor:
     """Skeleton a's predictions for every record (dicts with image_path, center, scale,
     image_id, ann_id, bbox and optionally bbox_score, category_id, bbox_id).
 
+    On several processes each predicts its `process_share` and all predictions are gathered:
+    every process returns the same list.
+
     Returns:
       One `prediction_record` per input record, in order.
     """
-    keypoints = self.predict_crops(params, batch_stats, prototypes,
-                                   self.record_batches(records, a), a, through=through,
-                                   expert=expert)
+    n, nproc = len(records), jax.process_count()
+    if self.mesh is None or nproc == 1:
+      keypoints = self.predict_crops(params, batch_stats, prototypes,
+                                     self.record_batches(records, a), a, through=through,
+                                     expert=expert)
+    else:
+      shares = [process_share(n, p, nproc) for p in range(nproc)]
+      start, stop = shares[jax.process_index()]
+      steps = -(-max(hi - lo for lo, hi in shares) // self.local_batch_size)
+      mine = self.predict_crops(params, batch_stats, prototypes,
+                                self.record_batches(records[start:stop], a, steps), a,
+                                through=through, expert=expert)
+      keypoints = gather_shares(mine, shares)
     return [prediction_record(r, k, i) for i, (r, k) in enumerate(zip(records, keypoints))]
+
+
+def gather_shares(mine: np.ndarray, shares: Sequence[tuple[int, int]]) -> np.ndarray:
+  """Every process's share (`[n_p, ...]`, n_p = stop - start of `shares[p]`) → all of them in
+  order, on every process (one `process_allgather` of equal-size padded arrays)."""
+  from jax.experimental import multihost_utils
+  distributed.barrier("gather predictions")  # Shares of unequal host work: meet first.
+  longest = max(hi - lo for lo, hi in shares)
+  padded = np.zeros((longest,) + mine.shape[1:], mine.dtype)
+  padded[:len(mine)] = mine
+  every = np.asarray(multihost_utils.process_allgather(padded))  # [P, longest, ...]
+  return np.concatenate([every[p, :hi - lo] for p, (lo, hi) in enumerate(shares)])

@@ -117,8 +117,10 @@ def torch_conv_transpose(features: int, kernel_size: int, name: str,
 
 
 def _batch_norm(train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
-  # Per-device batch statistics (the reference uses no SyncBN). Note: flax tracks the biased
-  # batch variance in `var`, PyTorch the unbiased one; the difference is n/(n-1) with n = B*H*W.
+  # Global-batch statistics: under jit (GSPMD) the mean and variance are reduced over the whole
+  # batch across every device, i.e. SyncBN; the reference computes them per GPU (128 samples,
+  # no SyncBN). Note: flax tracks the biased batch variance in `var`, PyTorch the unbiased one;
+  # the difference is n/(n-1) with n = B*H*W.
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 

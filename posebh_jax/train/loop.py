@@ -20,12 +20,11 @@ import numpy as np
 import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
-from data_pipelines import pipeline
-from data_pipelines import storage
+from data_pipelines import device_targets, pipeline, storage
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
-from posebh_jax.train import metrics_log
+from posebh_jax.train import distributed, metrics_log
 from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
@@ -198,8 +197,9 @@ class StageSteps:
   time (`lower(...).compile()`), which also gives XLA's FLOP count for MFU.
   """
 
-  def __init__(self, config, layout, model, tx, mesh, state_shardings):
+  def __init__(self, config, layout, model, tx, mesh, state_shardings, targets=None):
     self._config, self._model, self._tx = config, model, tx
+    self._targets = targets  # device_targets.TargetSpec of compact batches (None: host targets).
     self._mesh, self._shardings = mesh, state_shardings
     self._base = step_config(config, layout)
     self.compiled: dict[tuple, Any] = {}
@@ -219,9 +219,11 @@ class StageSteps:
                "CPS %s, CSS %s)", step, ",".join(trainable) or "nothing",
                cfg.update_prototypes, cfg.cps, cfg.css)
       fn = step_lib.make_train_step(self._model, self._tx, cfg, self._mesh, self._shardings,
-                                    trainable)
+                                    trainable, targets=self._targets)
       self.compiled[key] = fn.lower(state, batch).compile()
       self.flops[key] = throughput.compiled_flops(self.compiled[key])
+      # Compile times differ between hosts; the step's first collective must not time out.
+      distributed.barrier(f"compiled stage at step {step}")
     return self.compiled[key](state, batch)
 
   def flops_at(self, step: int) -> float | None:
@@ -282,6 +284,53 @@ def write_train_metrics(writer, train_log: metrics_log.TrainMetricsLog, step: in
   train_log.write(step, metrics)
 
 
+# --- Pod ergonomics: compilation cache, profiler (issue 13) ---------------------------------------
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `train.compilation_cache` ("auto":
+  <workdir>/compilation_cache; "": off). Returns the directory (None: off).
+
+  Takes effect for compilations after the call (JAX initialises the cache at the first one):
+  the CLI calls it before anything compiles.
+  """
+  where = config.train.get("compilation_cache", "")
+  if not where:
+    return None
+  if where == "auto":
+    where = storage.join(workdir, "compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", where)
+  log.info("persistent compilation cache: %s", where)
+  return where
+
+
+class StepProfiler:
+  """A `jax.profiler` trace of `train.profile_num_steps` steps from `train.profile_start_step`
+  into <workdir>/profile (off when the start step is -1, or before it on a resumed run)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.start = int(config.train.get("profile_start_step", -1))
+    self.stop = self.start + max(1, int(config.train.get("profile_num_steps", 3)))
+    self.directory = storage.join(workdir, "profile")
+    self.active = False
+
+  def before(self, step: int) -> None:
+    if self.start >= 0 and step == self.start:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and step + 1 >= self.stop:
+      jax.block_until_ready(state)  # The traced steps' device work, not just their dispatch.
+      self.close()
+      log.info("profile of steps %d-%d written to %s", self.start, step, self.directory)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+
+
 def _is_writer() -> bool:
   return jax.process_index() == 0
 
@@ -296,6 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = storage.absolute(workdir)
   storage.makedirs(workdir)
   t_start = time.time()
+  enable_compilation_cache(config, workdir)
 
   # --- Layout, model ------------------------------------------------------------------------------
   layout = experiment.build_layout(config)
@@ -319,13 +369,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            dict(mesh.shape), config.train.batch_size)
 
   weights = experiment.train_weights(config)  # 0 for evaluation-only datasets.
+  # Every host computes the same global sample stream and materialises only its rows of each
+  # global batch: the batches do not depend on the process count.
+  rows = pipeline.host_batch_rows(config.train.batch_size, mesh)
+  assert len(rows) == per_host_batch, (rows, per_host_batch)
   dataset = pipeline.mixed_train_dataset(
-      train_records, weights, td_cfg, batch_size=per_host_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = pipeline.make_iterator(dataset, num_workers=config.data.num_workers,
+      train_records, weights, td_cfg, batch_size=config.train.batch_size, seed=config.seed,
+      rows=rows)
+  num_workers = experiment.num_input_workers(config)
+  log.info("data: %d input worker process(es) per host", num_workers)
+  data_iter = pipeline.make_iterator(dataset, num_workers=num_workers,
                                      prefetch=config.data.prefetch)
 
   # --- Checkpoint / resume --------------------------------------------------------------------
+  # Hosts reach this point minutes apart under load; the checkpoint manager's first collective
+  # (gloo on CPU) waits only 30 s for its peers: line them up at a barrier that waits long.
+  distributed.barrier("checkpointer")
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   meta = experiment.checkpoint_meta(config, layout)
   # The newest intact checkpoint: damaged ones are skipped (and set aside) with a warning.
@@ -338,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state.step))
 
   # --- Step (one compiled function per stage) ----------------------------------------------
-  step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings)
+  step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings,
+                       targets=device_targets.TargetSpec.from_topdown(td_cfg))
 
   writer = train_log = None
   if _is_writer():
@@ -357,6 +417,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True)
   t_log, steps_since_log = time.time(), 0
   preemption = checkpoint_lib.PreemptionWatch(ckpt)
+  signal_stop = distributed.SignalStop()  # Multi-process SIGTERM without the preemption service.
+  profiler = StepProfiler(config, workdir)
   pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
   stopped_at = None
@@ -366,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   redirect.__enter__()
   try:
     for step in range(start_step, num_steps):
-      if preemption.should_stop(step):
+      if preemption.should_stop(step) or signal_stop.should_stop(step):
         check_finite(pending, ckpt)
         pending = None
         if ckpt.latest_step() != step:
@@ -382,7 +444,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       local_batch = next(data_iter)
       bad_images = count_skipped_images(local_batch, bad_images, max_bad_images, step)
       batch = pipeline.to_global_batch(local_batch, mesh)
+      profiler.before(step)
       state, metrics = step_fn.run(step, state, batch)
+      profiler.after(step, state)
       check_finite(pending, ckpt)
       done = step + 1
       pending = (done, metrics)
@@ -424,6 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     redirect.__exit__(None, None, None)
     bar.close()
     preemption.close()
+    signal_stop.close()
+    profiler.close()
     ckpt.wait()
   if stopped_at is not None:
     if writer is not None:

@@ -38,6 +38,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if data < 1 or n > len(devices) or len(devices) % n:
     raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={fsdp} does not fit "
                      f"{len(devices)} devices")
+  processes = {d.process_index for d in devices}
+  if n != len(devices) and len(processes) > 1:
+    # A mesh on a subset of a pod's devices leaves some hosts without a device to feed.
+    raise ValueError(f"mesh.data={mesh_config.data} x mesh.fsdp={fsdp} = {n} devices, but a "
+                     f"multi-process mesh must use all {len(devices)} devices of its "
+                     f"{len(processes)} processes (mesh.data=-1 fills them)")
   # Explicit `Auto` axis types: the classic automatic (GSPMD) partitioning (make_mesh defaults
   # to explicit axes in this JAX version).
   return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
@@ -49,8 +55,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over every device (`data` × `fsdp`)."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """THE batch sharding: leading (batch) axis split over every device (`data` × `fsdp`; a plain
+  ('data',) mesh works too), everything else replicated.
+
+  Used both to place the batch (`pipeline.to_global_batch`, `pipeline.host_batch_rows`) and to
+  compute on it (`step.make_train_step`), so every row a host feeds reaches the loss exactly once.
+  """
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:
@@ -100,11 +111,13 @@ def per_device_bytes(tree: Any) -> int:
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> int:
-  """Validates that the global batch splits over devices and hosts; returns the per-host size."""
+  """Validates that the global batch splits over devices and hosts; returns the per-host size
+  (the rows this process feeds: its devices' share of `batch_sharding`)."""
   n_dev = int(np.prod(list(mesh.shape.values())))
   if global_batch % n_dev:
     raise ValueError(f"train.batch_size={global_batch} is not divisible by {n_dev} devices")
   if global_batch % jax.process_count():
     raise ValueError(f"train.batch_size={global_batch} is not divisible by "
                      f"{jax.process_count()} hosts")
-  return global_batch // jax.process_count()
+  local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  return global_batch // n_dev * local

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline
+from data_pipelines import device_targets, pipeline
 from posebh_jax.train import sharding
 from posebh_jax.train.objective import ObjectiveConfig, PrototypeState, posebh_objective
 from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
@@ -31,24 +31,45 @@ Batch = dict[str, jax.Array]
 StepConfig = ObjectiveConfig
 
 
+def device_inputs(batch: Batch, targets: device_targets.TargetSpec | None) -> Batch:
+  """The compact batch (uint8 `image`, crop-space `joints`, `joint_vis`; see
+  `data_pipelines.pipeline`) → the step's inputs: normalised image, `target`, `target_weight`,
+  made on the device (element-wise over the batch: sharded with it, no communication). A batch
+  that already holds float images and targets passes through."""
+  batch = dict(batch)
+  if batch["image"].dtype == jnp.uint8:
+    batch["image"] = pipeline.normalize_on_device(batch["image"])
+  if "target" not in batch:
+    if targets is None:
+      raise ValueError("a batch of joints needs the step's target spec (make_train_step(..., "
+                       "targets=TargetSpec.from_topdown(td_cfg)))")
+    batch["target"], batch["target_weight"] = device_targets.dataset_targets(
+        batch.pop("joints"), batch.pop("joint_vis"), batch["dataset_index"], targets)
+  return batch
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: LayerDecayAdamW, cfg: ObjectiveConfig,
-               trainable: tuple[str, ...]) -> tuple[TrainState, dict]:
+               trainable: tuple[str, ...],
+               targets: device_targets.TargetSpec | None = None) -> tuple[TrainState, dict]:
   """One optimizer step plus (in the first stage) one EMA step of the keypoint prototypes.
 
   Args:
     state: the train state.
     batch: `image [B,H,W,3]`, `target [B,K_max,Hh,Wh]`, `target_weight [B,K_max]`,
-      `dataset_index [B]`, `skeleton_mask [B,K_max]`.
+      `dataset_index [B]`, `skeleton_mask [B,K_max]`; or the compact batch (uint8 `image`,
+      `joints [B,K_max,2]`, `joint_vis [B,K_max]` instead of the targets; `device_inputs`).
     model: the Flax module (static).
     tx: the optimizer (static).
     cfg: static loss/prototype/stage settings.
     trainable: parameter groups that train in this stage (static); the others get no gradient
       (their weight gradients are not even computed), no update and no weight decay.
+    targets: how to draw the heatmap targets of a compact batch (static).
 
   Returns:
     (new state, scalar metrics).
   """
+  batch = device_inputs(batch, targets)
   rng = jax.random.fold_in(state.rng, state.step)
   drop_rng, proto_rng = jax.random.split(rng)
   weight = batch["target_weight"] * batch["skeleton_mask"]
@@ -99,18 +120,19 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
-                    mesh: Mesh, state_sharding: Any, trainable: tuple[str, ...] | None = None
+                    mesh: Mesh, state_sharding: Any, trainable: tuple[str, ...] | None = None,
+                    targets: device_targets.TargetSpec | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """jit-compiles `train_step` over the mesh: batch sharded on 'data', state in
+  """jit-compiles `train_step` over the mesh: batch split over every device
+  (`sharding.batch_sharding`, the sharding the pipeline places it with), state in
   `state_sharding` and donated (without donation the step's peak memory holds two copies of
-  params and moments). `trainable=None`: every group trains."""
+  params and moments). `trainable=None`: every group trains; `targets`: the target spec of
+  compact batches."""
   trainable = tx.groups if trainable is None else tuple(trainable)
 
   def step(state, batch):
-    # The pipeline places the batch on the `data` axis; split it over `fsdp` too, so every
-    # device computes on its own examples (a local slice: no communication).
-    batch = jax.lax.with_sharding_constraint(batch, sharding.batch_sharding(mesh))
-    return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable)
+    return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable,
+                      targets=targets)
 
-  return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
