@@ -21,7 +21,6 @@ Never imported by the package: torch is the optional `[torch]` extra.
 
 from __future__ import annotations
 
-import math
 
 import cv2
 import numpy as np
