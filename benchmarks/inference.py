@@ -38,7 +38,6 @@ import numpy as np
 
 from configs import posebh as posebh_configs
 from data_pipelines import readers
-from posebh_jax.evaluation import predict as predict_lib
 from posebh_jax.inference import Predictor
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "samples"

@@ -15,6 +15,12 @@ FLOPs utilisation (MFU) where the device's peak is known (`posebh_jax.train.thro
 parameter group trains (the most expensive stage). On CPU only the ratio and the FLOPs are
 meaningful; absolute times and MFU count only on a GPU/TPU.
 
+With PyTorch installed (the `[torch]` extra) and `--size=b`, it also times a PyTorch port of the
+reference's PoseBH-B step (`benchmarks/torch_reference.py`: the authors' modules and losses, the
+same batch, layer-decay AdamW with clipping, every parameter trained) beside each of ours, the
+two sides' steps alternating within one loop so that both see the same machine load, and prints
+`ratio reference/ours` (> 1: ours is faster). Without torch it says so and times ours only.
+
   python benchmarks/train_step.py                        # PoseBH-B sizes, batch 2 (CPU: minutes)
   python benchmarks/train_step.py --size=tiny --batch=8  # seconds
   python benchmarks/train_step.py --batch=128 --dtype=bfloat16 --repeats=20  # one accelerator
@@ -69,20 +75,57 @@ def _build(config, mesh, stage_step: int | None):
   return layout, state, fn, cfg
 
 
-def _time(fn, state, batch, repeats: int) -> tuple[float, float, object]:
-  """→ (median seconds per step, XLA FLOPs per device per step, final state)."""
+def _time(fn, state, batch, repeats: int, reference=None) -> tuple[float, float, float | None]:
+  """→ (median s/step of ours, XLA FLOPs per device per step, median s/step of `reference`).
+
+  `reference` (a no-argument callable running one step, or None) alternates with our step, one
+  step each per repeat after one warm-up step each, so both medians come from the same load.
+  """
   fn = fn.lower(state, batch).compile()
   flops = throughput.compiled_flops(fn)
   flops = float("nan") if flops is None else flops
   state, m = fn(state, batch)  # Warm-up.
   jax.block_until_ready(m)
-  times = []
+  if reference is not None:
+    reference()  # Warm-up (allocator, thread pool).
+  times, ref_times = [], []
   for _ in range(repeats):
     t = time.perf_counter()
     state, m = fn(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
-  return statistics.median(times), flops, state
+    if reference is not None:
+      t = time.perf_counter()
+      reference()
+      ref_times.append(time.perf_counter() - t)
+  ref = statistics.median(ref_times) if ref_times else None
+  return statistics.median(times), flops, ref
+
+
+def _torch_reference(batch: dict[str, np.ndarray], proto: bool):
+  """A no-argument callable running one reference (PyTorch) train step on `batch`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  try:  # `python benchmarks/train_step.py` puts benchmarks/ itself on the path.
+    import torch_reference  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torch_reference.build(proto=proto)
+  step = torch_reference.make_step(model)
+  img = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+  target = torch.from_numpy(batch["target"])
+  weight = torch.from_numpy(batch["target_weight"])
+  ds = torch.from_numpy(batch["dataset_index"].astype(np.int64))
+  return lambda: step(img, target, weight, ds)
+
+
+def _torch_available() -> str | None:
+  """The torch version, or None when it is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return torch.__version__
 
 
 def main() -> None:
@@ -93,6 +136,9 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype (params, optimizer state and prototypes stay float32)")
   p.add_argument("--fsdp", type=int, default=1, help="devices per parameter shard group")
+  p.add_argument("--reference", default="auto", choices=("auto", "off"),
+                 help="auto: also time the PyTorch reference port when torch is installed "
+                      "(PoseBH-B, float32 only)")
   a = p.parse_args()
 
   def config(**model):
@@ -118,9 +164,26 @@ def main() -> None:
   _, state_m, fn_m, cfg_m = _build(mh, mesh, None)
   assert not cfg_m.use_proto_head
 
-  batch = pipeline.to_global_batch(_batch(full, layout, a.batch), mesh)
-  t_m, flops_m, _ = _time(fn_m, state_m, batch, a.repeats)
-  t_f, flops_f, _ = _time(fn_f, state_f, batch, a.repeats)
+  host_batch = _batch(full, layout, a.batch)
+  batch = pipeline.to_global_batch(host_batch, mesh)
+  torch_version = _torch_available() if a.reference == "auto" else None
+  why_not = None
+  if a.reference == "off":
+    why_not = "--reference=off"
+  elif torch_version is None:
+    why_not = "PyTorch is not installed (pip install -e '.[torch]')"
+  elif a.size != "b" or a.dtype != "float32":
+    why_not = "the PyTorch port is PoseBH-B float32 only (--size=b --dtype=float32)"
+  use_ref = why_not is None
+  if use_ref:
+    import torch  # pylint: disable=g-import-not-at-top
+    ref_m = _torch_reference(host_batch, proto=False)
+  t_m, flops_m, r_m = _time(fn_m, state_m, batch, a.repeats, ref_m if use_ref else None)
+  del state_m, fn_m
+  if use_ref:
+    del ref_m
+    ref_f = _torch_reference(host_batch, proto=True)
+  t_f, flops_f, r_f = _time(fn_f, state_f, batch, a.repeats, ref_f if use_ref else None)
 
   m = full.model
   print(f"device: {jax.devices()[0].device_kind} x{mesh.size} (mesh {dict(mesh.shape)}); size "
@@ -138,6 +201,16 @@ def main() -> None:
   row("PoseBH step (proto + CPS + CSS):", t_f, flops_f)
   print(f"overhead ratio (time):  {t_f / t_m:.3f}   (goal <= 1.10)")
   print(f"overhead ratio (FLOPs): {flops_f / flops_m:.3f}")
+  if not use_ref:
+    print(f"reference (PyTorch port): not timed: {why_not}")
+    return
+  print(f"reference (PyTorch {torch_version} port, {torch.get_num_threads()} threads), same batch, "
+        "steps alternating with ours:")
+  print(f"  multi-head: reference {r_m * 1e3:10.1f} ms  ours {t_m * 1e3:10.1f} ms  "
+        f"ratio reference/ours {r_m / t_m:.3f}")
+  print(f"  PoseBH:     reference {r_f * 1e3:10.1f} ms  ours {t_f * 1e3:10.1f} ms  "
+        f"ratio reference/ours {r_f / t_f:.3f}")
+  print(f"  reference PoseBH / multi-head: {r_f / r_m:.3f}")
 
 
 if __name__ == "__main__":

@@ -329,6 +329,75 @@ def ppce_loss(
   return ppc, ppd
 
 
+def dataset_windows(offsets: tuple[int, ...], num_keypoints: tuple[int, ...], num_in_class: int,
+                    compat: ReferenceCompat = ReferenceCompat()
+                    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Static (start, width) of each dataset's logit window in the flat similarity columns.
+
+  The same windows `prototype_learning` returns per pixel: start `s_d·M` (or `s_d` with
+  `compat.proto_logit_offset`, spec §6.3), width `K_d·M`.
+  """
+  starts = tuple(int(s) if compat.proto_logit_offset else int(s) * num_in_class for s in offsets)
+  return starts, tuple(int(k) * num_in_class for k in num_keypoints)
+
+
+def ppce_loss_by_dataset(
+    sim_flat: jax.Array,
+    target: jax.Array,
+    valid: jax.Array,
+    dataset: jax.Array,
+    *,
+    window_start: tuple[int, ...],
+    window_width: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+  """`ppce_loss` for T calls at once, each pixel's window being its dataset's (one pass).
+
+  Every PixelPrototypeCE call of a step (the main one and one per CSS skeleton) reads the same
+  `sim_flat` through windows that depend only on a dataset index. So `exp(sim)` is taken once
+  and every dataset's window sum comes out of one `[N, J·M] x [J·M, D]` product with a 0/1
+  matrix; the backward pass is then one elementwise pass over `[N, J·M]` plus one scatter of
+  the T target logits, instead of T of each (issue 19). Equal to T `ppce_loss` calls up to the
+  summation order of the window sums (float32 rounding).
+
+  Args:
+    sim_flat: [N, J·M] |cos| (with gradient to the features).
+    target: [T, N] int compact label within the window.
+    valid: [T, N] bool.
+    dataset: [T, N] int dataset index: selects the window and the per-dataset mean.
+    window_start: static start column of each dataset's window (`dataset_windows`).
+    window_width: static width of each dataset's window.
+
+  Returns:
+    (ppc [T, D], ppd [T, D]): per call, means over each dataset's valid pixels; 0 where a
+    dataset has none. D = len(window_start).
+  """
+  n, jm = sim_flat.shape
+  num_calls = target.shape[0]
+  num_datasets = len(window_start)
+  starts = np.asarray(window_start, np.int32)
+  col = np.arange(jm)[:, None]
+  in_window = (col >= starts[None]) & (col < starts[None] + np.asarray(window_width)[None])
+  sim = sim_flat.astype(jnp.float32)
+  # |cos| <= 1, so exp needs no max-shift. HIGHEST: a TF32/bf16 product would round the sums.
+  sum_exp = jnp.matmul(jnp.exp(sim), jnp.asarray(in_window, jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)  # [N, D]
+  ds = jnp.clip(dataset.astype(jnp.int32), 0, num_datasets - 1)  # [T, N]
+  sum_exp = jnp.take_along_axis(sum_exp, ds.T, axis=1).T  # [T, N]
+  lse = jnp.log(jnp.where(valid, sum_exp, 1.0))
+  t_col = jnp.clip(jnp.asarray(starts)[ds] + jnp.where(valid, target, 0), 0, jm - 1)
+  logit_t = jnp.take_along_axis(sim, t_col.astype(jnp.int32).T, axis=1).T  # [T, N]
+  ce = jnp.where(valid, lse - logit_t, 0.0)
+  pd = jnp.where(valid, jnp.square(1.0 - logit_t), 0.0)
+  seg = (jnp.arange(num_calls, dtype=jnp.int32)[:, None] * num_datasets + ds).reshape(-1)
+  n_seg = num_calls * num_datasets
+
+  def per_call(x):
+    return jax.ops.segment_sum(x.reshape(-1), seg, num_segments=n_seg).reshape(num_calls,
+                                                                                num_datasets)
+  denom = jnp.maximum(per_call(valid.astype(jnp.float32)), 1.0)
+  return per_call(ce) / denom, per_call(pd) / denom
+
+
 def pixel_prototype_ce(
     ppc: jax.Array,
     ppd: jax.Array,

@@ -5,7 +5,6 @@ per-class loop, (3) the meaning of each reference-compat flag, (4) masking / fre
 jit / gradient properties, (5) independence of the device mesh.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -521,3 +520,44 @@ def test_sharded_pixels_match_single_device():
   np.testing.assert_array_equal(res8.assignment, res1.assignment)
   np.testing.assert_array_equal(res8.updated, res1.updated)
   np.testing.assert_allclose(res8.prototypes, res1.prototypes, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("compat", [INTENDED, _flag("proto_logit_offset")])
+def test_one_pass_ppce_equals_separate_calls_values_and_gradients(compat):
+  """`ppce_loss_by_dataset` (one exp, one window-sum product for T calls) equals T `ppce_loss`
+  calls with `prototype_learning`'s per-pixel windows: the losses and d loss / d sim."""
+  protos = _protos(21)
+  px = _pixels(22, protos)
+  sim = _flat_similarity(px["features"], protos)
+  calls = []
+  main = _learn(px, protos, compat=compat)
+  calls.append((main, px["valid"], px["dataset"]))
+  rs = np.random.RandomState(23)
+  for d in range(len(NKP)):  # CSS-like calls: every pixel in dataset d's window.
+    px_d = dict(px, dataset=np.full_like(px["dataset"], d),
+                local_class=rs.randint(0, NKP[d], len(px["dataset"])).astype(np.int32),
+                valid=rs.uniform(size=len(px["dataset"])) > 0.5)
+    calls.append((_learn(px_d, protos, compat=compat, update=False), px_d["valid"],
+                  px_d["dataset"]))
+  start, width = pl.dataset_windows(OFF, NKP, M, compat)
+  weights = jnp.asarray(np.random.RandomState(24).uniform(0.5, 2.0, (2, len(calls), len(NKP))),
+                        jnp.float32)
+
+  def separate(s):
+    out = [pl.ppce_loss(s, r.target, r.window_start, r.window_width, v, ds, len(NKP))
+           for r, v, ds in calls]
+    return jnp.stack([jnp.stack([c[0] for c in out]), jnp.stack([c[1] for c in out])])
+
+  def one_pass(s):
+    stack = lambda i: jnp.stack([jnp.asarray(c[i] if i else c[0].target) for c in calls])
+    ppc, ppd = pl.ppce_loss_by_dataset(s, stack(0), stack(1), stack(2), window_start=start,
+                                       window_width=width)
+    return jnp.stack([ppc, ppd])
+
+  want, got = separate(sim), one_pass(sim)
+  # Every dataset of the main call, and each CSS-like call's own dataset, has pixels.
+  assert np.all(want[0, 0] > 0) and all(want[0, 1 + d, d] > 0 for d in range(len(NKP)))
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+  g_want = jax.grad(lambda s: jnp.sum(separate(s) * weights))(sim)
+  g_got = jax.grad(lambda s: jnp.sum(one_pass(s) * weights))(sim)
+  np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-8)

@@ -132,16 +132,25 @@ def _proto_ce(cfg: ObjectiveConfig, ppc: jax.Array, ppd: jax.Array) -> jax.Array
 
 
 def _learn(cfg: ObjectiveConfig, features, sim_flat, prototypes, local_class, dataset, conf,
-           valid, *, offsets, num_keypoints, update, rng, compat):
-  """Prototype learning (targets and, if `update`, the EMA step) plus its CE loss terms."""
-  res = pl.prototype_learning(
+           valid, *, offsets, num_keypoints, update, rng, compat) -> pl.ProtoLearnResult:
+  """Prototype learning: CE targets and, if `update`, the EMA step (the loss comes separately)."""
+  return pl.prototype_learning(
       features, prototypes, local_class, dataset, conf, valid, offsets=offsets,
       num_keypoints=num_keypoints, gamma=cfg.proto_gamma, epsilon=cfg.sinkhorn_epsilon,
       iterations=cfg.sinkhorn_iterations, gumbel_rng=rng if (cfg.gumbel and update) else None,
       update=update, compat=compat, sim_flat=sim_flat)
-  ppc, ppd = pl.ppce_loss(sim_flat, res.target, res.window_start, res.window_width, valid,
-                          dataset, len(num_keypoints))
-  return res, ppc, ppd
+
+
+def _ppce(sim_flat, calls, *, offsets, num_keypoints, num_in_class, compat):
+  """PPC and PPD `[T, D]` of T PixelPrototypeCE calls `(target, valid, dataset)` on one table.
+
+  One pass over `sim_flat` for all calls (`pl.ppce_loss_by_dataset`): the main call and the six
+  CSS calls of a step share the similarity matrix and differ only in labels and windows.
+  """
+  start, width = pl.dataset_windows(offsets, num_keypoints, num_in_class, compat)
+  target, valid, dataset = (jnp.stack(x) for x in zip(*calls))
+  return pl.ppce_loss_by_dataset(sim_flat, target, valid, dataset, window_start=start,
+                                 window_width=width)
 
 
 def posebh_objective(
@@ -190,10 +199,30 @@ def posebh_objective(
   # --- Prototype learning and prototype heatmaps on each sample's own keypoints (§2.6.3) ----
   local_class, dataset, conf, valid = _own_pixels(target, dataset_index, cfg.sample_threshold)
   learn_rng, _ = jax.random.split(rng)
-  res, ppc, ppd = _learn(cfg, features, sim, protos.prototypes, local_class, dataset, conf, valid,
-                         offsets=offsets, num_keypoints=nkp, update=cfg.update_prototypes,
-                         rng=learn_rng, compat=cfg.compat)
+  res = _learn(cfg, features, sim, protos.prototypes, local_class, dataset, conf, valid,
+               offsets=offsets, num_keypoints=nkp, update=cfg.update_prototypes, rng=learn_rng,
+               compat=cfg.compat)
   new_prototypes = jax.lax.stop_gradient(res.prototypes)
+  ppce_calls = [(res.target, valid, dataset)]  # The CSS calls join below: one pass for all.
+  css_parts = []
+  if cfg.css:
+    for d, k in enumerate(nkp):
+      heads_d = outputs.heatmaps[d]  # [B, K_d, H, W]
+      phm_d = phm[:, offsets[d]:offsets[d] + k]
+      tg = css_lib.css_targets(
+          heads_d, phm_d, dataset_index != d, conf_thr=cfg.css_conf_thr,
+          match_dist=cfg.css_match_dist, sigma=cfg.css_sigma, kernel=cfg.css_dark_kernel,
+          compat=cfg.compat)
+      cls_d, conf_d, valid_d = css_lib.css_pixel_classes(tg)
+      cls_d, conf_d, valid_d = cls_d.reshape(-1), conf_d.reshape(-1), valid_d.reshape(-1)
+      ds_d = jnp.full_like(cls_d, d)
+      res_d = _learn(cfg, features, sim, protos.prototypes, cls_d, ds_d, conf_d, valid_d,
+                     offsets=offsets, num_keypoints=nkp, update=False, rng=None, compat=cfg.compat)
+      ppce_calls.append((res_d.target, valid_d, ds_d))
+      css_parts.append((heads_d, phm_d, tg, valid_d))
+  ppc_all, ppd_all = _ppce(sim, ppce_calls, offsets=offsets, num_keypoints=nkp, num_in_class=m,
+                           compat=cfg.compat)
+  ppc, ppd = ppc_all[0], ppd_all[0]
   proto_loss = _proto_ce(cfg, ppc, ppd)
   # A dataset whose samples have no target pixel at all is skipped by the reference, phm too.
   has_pixels = jax.ops.segment_sum(valid.astype(jnp.float32), dataset,
@@ -216,9 +245,12 @@ def posebh_objective(
                                         offsets=offsets, num_keypoints=nkp, compat_order=False)
     c_class, _, c_conf, c_valid = _own_pixels(tc, dataset_index, cfg.sample_threshold)
     zeros = jnp.zeros_like(c_class)  # The cluster table is one "dataset" with C classes.
-    _, ppc_c, ppd_c = _learn(cfg, features, sim_c, protos.cluster_prototypes, c_class, zeros,
-                             c_conf, c_valid, offsets=(0,), num_keypoints=(c,), update=False,
-                             rng=None, compat=cfg.compat)
+    res_c = _learn(cfg, features, sim_c, protos.cluster_prototypes, c_class, zeros, c_conf,
+                   c_valid, offsets=(0,), num_keypoints=(c,), update=False, rng=None,
+                   compat=cfg.compat)
+    ppc_c, ppd_c = _ppce(sim_c, [(res_c.target, c_valid, zeros)], offsets=(0,),
+                         num_keypoints=(c,), num_in_class=m, compat=cfg.compat)
+    ppc_c, ppd_c = ppc_c[0], ppd_c[0]
     if cfg.compat.cps_target_order:
       tc, wc = clustering.cluster_targets(target, weight, dataset_index, protos.cluster_keypoint,
                                           offsets=offsets, num_keypoints=nkp, compat_order=True)
@@ -232,22 +264,10 @@ def posebh_objective(
   if cfg.css:
     css_total = jnp.zeros((), jnp.float32)
     kept = jnp.zeros((), jnp.float32)
-    for d, k in enumerate(nkp):
-      heads_d = outputs.heatmaps[d]  # [B, K_d, H, W]
-      phm_d = phm[:, offsets[d]:offsets[d] + k]
-      tg = css_lib.css_targets(
-          heads_d, phm_d, dataset_index != d, conf_thr=cfg.css_conf_thr,
-          match_dist=cfg.css_match_dist, sigma=cfg.css_sigma, kernel=cfg.css_dark_kernel,
-          compat=cfg.compat)
+    for d, (heads_d, phm_d, tg, valid_d) in enumerate(css_parts):
       hm_d = css_lib.css_heatmap_loss(heads_d, tg)
       ph_d = cfg.phm_weight * css_lib.css_heatmap_loss(phm_d, tg)
-      cls_d, conf_d, valid_d = css_lib.css_pixel_classes(tg)
-      cls_d, conf_d, valid_d = cls_d.reshape(-1), conf_d.reshape(-1), valid_d.reshape(-1)
-      ds_d = jnp.full_like(cls_d, d)
-      _, ppc_d, ppd_d = _learn(cfg, features, sim, protos.prototypes, cls_d, ds_d, conf_d,
-                               valid_d, offsets=offsets, num_keypoints=nkp, update=False,
-                               rng=None, compat=cfg.compat)
-      pp_d = _proto_ce(cfg, ppc_d, ppd_d)
+      pp_d = _proto_ce(cfg, ppc_all[1 + d], ppd_all[1 + d])
       # The reference drops d entirely (hm and ph too) when no pseudo-label pixel is sampled.
       css_total += jnp.where(jnp.any(valid_d), hm_d + ph_d + pp_d, 0.0)
       kept += jnp.sum(tg.weight > 0)
