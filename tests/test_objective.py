@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posebh_jax import prototypes as proto_lib
 from posebh_jax.compat import ReferenceCompat
 from posebh_jax.models.posebh import ModelOutputs
 from posebh_jax.train import objective
