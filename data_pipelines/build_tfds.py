@@ -51,7 +51,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import annotation_info, readers, tfds_builders
+from data_pipelines import annotation_info, readers, storage, tfds_builders
 from data_pipelines.coco_reader import AnnotationError, ReadReport
 from data_pipelines.skeletons import resolve_skeleton
 
@@ -173,7 +173,7 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
       if not f.val_ann:
         raise ValueError(f"data.datasets.{f.name}: val_det needs val_ann (it names the images)")
       splits["val_det"] = tfds_builders.SplitFiles(
-          f.val_ann, experiment.join_root(config.data.root, entry.val_det), image_dir=val_dir)
+          f.val_ann, storage.join_root(config.data.root, entry.val_det), image_dir=val_dir)
     if not splits:
       raise ValueError(f"data.datasets.{f.name}: no train_ann or val_ann to build")
     builds.append(DatasetBuild(f.name, tb.format, f.image_dir or f.split_image_dir("val"),
@@ -190,7 +190,7 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
     splits = {"val": tfds_builders.SplitFiles(f.val_ann, image_dir=val_dir)}
     if entry.get("val_det", ""):
       splits["val_det"] = tfds_builders.SplitFiles(
-          f.val_ann, experiment.join_root(config.data.root, entry.val_det), image_dir=val_dir)
+          f.val_ann, storage.join_root(config.data.root, entry.val_det), image_dir=val_dir)
     builds.append(DatasetBuild(name, fmt, val_dir, splits,
                                experiment.entry_skeleton(name, entry).num_keypoints))
   return builds

@@ -36,6 +36,13 @@ def join(base: PathLike, *parts: str) -> str:
   return out
 
 
+def join_root(root: str, path: str) -> str:
+  """`path` under `root` (a config's `data.root`) unless it is empty, absolute or a URL."""
+  if not path or is_remote(path) or os.path.isabs(path):
+    return path
+  return join(root, path)
+
+
 def absolute(path: PathLike) -> str:
   """A local path made absolute; a URL unchanged."""
   path = os.fspath(path)

@@ -9,7 +9,6 @@ keypoint count (`data_pipelines.annotation_info`).
 
 from __future__ import annotations
 
-import os
 
 import ml_collections
 from etils import epath
@@ -58,12 +57,6 @@ def check_input_geometry(config: ml_collections.ConfigDict) -> None:
           f"upsampled by the {n} layer(s) of {field} gives {have}")
 
 
-def _join_root(root: str, path: str) -> str:
-  if not path or storage.is_remote(path) or os.path.isabs(path):
-    return path
-  return storage.join(root, path) if root else path
-
-
 def check_annotation_counts(config: ml_collections.ConfigDict, name: str,
                             skeleton: SkeletonInfo) -> None:
   """The entry's annotation files hold as many keypoints as its skeleton (files that exist)."""
@@ -74,7 +67,7 @@ def check_annotation_counts(config: ml_collections.ConfigDict, name: str,
     return  # Rendered by the generator with exactly this skeleton.
   fmt = entry.get("format", "coco")
   for field in ("train_ann", "val_ann"):
-    path = _join_root(config.data.root, entry.get(field, ""))
+    path = storage.join_root(config.data.root, entry.get(field, ""))
     if not path or not epath.Path(path).is_file():
       continue  # Missing files are named by the readers when they are read.
     have = annotation_info.keypoint_count(path, fmt)

@@ -187,8 +187,8 @@ def entry_files(config: ml_collections.ConfigDict, name: str) -> DatasetFiles:
   """The files of any `data.datasets` entry (e.g. one of `data.eval_datasets`), against
   `data.root`; not for generated synthetic data."""
   e, root = config.data.datasets[name], config.data.root
-  return DatasetFiles(name, join_root(root, e.train_ann), join_root(root, e.val_ann),
-                      join_root(root, e.image_dir), join_root(root, e.get("val_image_dir", "")))
+  return DatasetFiles(name, storage.join_root(root, e.train_ann), storage.join_root(root, e.val_ann),
+                      storage.join_root(root, e.image_dir), storage.join_root(root, e.get("val_image_dir", "")))
 
 
 def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> list[DatasetFiles]:
@@ -223,17 +223,10 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
       g = generated[e.skeleton]
       out.append(DatasetFiles(n, g["train"], g["val"], g["image_dir"]))
     else:
-      out.append(DatasetFiles(n, join_root(root, e.train_ann), join_root(root, e.val_ann),
-                              join_root(root, e.image_dir),
-                              join_root(root, e.get("val_image_dir", ""))))
+      out.append(DatasetFiles(n, storage.join_root(root, e.train_ann), storage.join_root(root, e.val_ann),
+                              storage.join_root(root, e.image_dir),
+                              storage.join_root(root, e.get("val_image_dir", ""))))
   return out
-
-
-def join_root(root: str, path: str) -> str:
-  """`path` under `root` unless it is empty, absolute or a URL (gs://...)."""
-  if not path or storage.is_remote(path) or os.path.isabs(path):
-    return path
-  return storage.join(root, path)
 
 
 def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
@@ -279,7 +272,7 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
           tfds_builders.open_builder(tfds_dir, build.name, **key)).get(
               tfds_split, coco_reader.ReadReport(source=f"{tfds_dir}:{build.name}/{tfds_split}"))
     else:
-      det_path = join_root(config.data.root, det) if det else None
+      det_path = storage.join_root(config.data.root, det) if det else None
       recs, report = readers.read_dataset(
           fmt, ann, f.split_image_dir(split), layout.skeletons[d], d,
           image_size_hw=image_size_hw, padding=config.data.bbox_padding, det_path=det_path,

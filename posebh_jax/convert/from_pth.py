@@ -150,7 +150,7 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
     raise FileNotFoundError(f"{pth_path}: no such checkpoint file")
   if storage.exists(out_dir) and not overwrite:  # Fail before the slow part.
     raise FileExistsError(f"{out_dir} already exists (pass --overwrite to replace it)")
-  if os.path.exists(out_dir):  # --overwrite replaces converted weights only.
+  if storage.exists(out_dir):  # --overwrite replaces converted weights only.
     weights_lib.check_replaceable(out_dir)
 
   try:

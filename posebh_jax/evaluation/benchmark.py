@@ -167,7 +167,7 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     elif boxes == "det" and not det:
       raise EvalSelectionError(f"--boxes=det: dataset {name!r} has no detection boxes "
                                f"(data.datasets.{name}.val_det is empty)")
-    gt_mat = (experiment.join_root(config.data.root, entry.get("val_gt_mat", ""))
+    gt_mat = (storage.join_root(config.data.root, entry.get("val_gt_mat", ""))
               if metric == "pckh" else "")
     out.append(DatasetProtocol(name, d, metric, kind, f.val_ann, det, gt_mat))
   for j, name in enumerate(extra):
