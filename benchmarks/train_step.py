@@ -18,7 +18,8 @@ meaningful; absolute times and MFU count only on a GPU/TPU.
 With PyTorch installed (the `[torch]` extra) and `--size=b`, it also times a PyTorch port of the
 reference's PoseBH-B step (`benchmarks/torch_reference.py`: the authors' modules and losses, the
 same batch, layer-decay AdamW with clipping, every parameter trained) beside each of ours, the
-two sides' steps alternating within one loop so that both see the same machine load, and prints
+four steps (ours and the reference's, multi-head and PoseBH) interleaved within one loop so
+that all see the same machine load, and prints
 `ratio reference/ours` (> 1: ours is faster). Without torch it says so and times ours only.
 
   python benchmarks/train_step.py                        # PoseBH-B sizes, batch 2 (CPU: minutes)
@@ -75,31 +76,39 @@ def _build(config, mesh, stage_step: int | None):
   return layout, state, fn, cfg
 
 
-def _time(fn, state, batch, repeats: int, reference=None) -> tuple[float, float, float | None]:
-  """→ (median s/step of ours, XLA FLOPs per device per step, median s/step of `reference`).
-
-  `reference` (a no-argument callable running one step, or None) alternates with our step, one
-  step each per repeat after one warm-up step each, so both medians come from the same load.
-  """
+def _compile(fn, state, batch):
+  """→ (compiled step, XLA FLOPs per device per step)."""
   fn = fn.lower(state, batch).compile()
   flops = throughput.compiled_flops(fn)
-  flops = float("nan") if flops is None else flops
-  state, m = fn(state, batch)  # Warm-up.
-  jax.block_until_ready(m)
-  if reference is not None:
-    reference()  # Warm-up (allocator, thread pool).
-  times, ref_times = [], []
+  return fn, float("nan") if flops is None else flops
+
+
+def _time_interleaved(steps: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per step of each no-argument callable in `steps`, interleaved.
+
+  Every callable runs one warm-up step, then each repeat runs every callable once in turn, so
+  all medians come from the same machine load (on a shared 2-core machine, load drifts over the
+  minutes a PoseBH-B run takes; timing the sides one after the other biased their ratio).
+  """
+  for fn in steps.values():
+    fn()  # Warm-up (allocator, thread pool, first-call dispatch).
+  times = {name: [] for name in steps}
   for _ in range(repeats):
-    t = time.perf_counter()
-    state, m = fn(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-    if reference is not None:
+    for name, fn in steps.items():
       t = time.perf_counter()
-      reference()
-      ref_times.append(time.perf_counter() - t)
-  ref = statistics.median(ref_times) if ref_times else None
-  return statistics.median(times), flops, ref
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _ours(fn, state, batch):
+  """A no-argument callable running our compiled step, threading the (donated) state."""
+  box = [state]
+
+  def run():
+    box[0], m = fn(box[0], batch)
+    jax.block_until_ready(m)
+  return run
 
 
 def _torch_reference(batch: dict[str, np.ndarray], proto: bool):
@@ -175,15 +184,16 @@ def main() -> None:
   elif a.size != "b" or a.dtype != "float32":
     why_not = "the PyTorch port is PoseBH-B float32 only (--size=b --dtype=float32)"
   use_ref = why_not is None
+  fn_m, flops_m = _compile(fn_m, state_m, batch)
+  fn_f, flops_f = _compile(fn_f, state_f, batch)
+  steps = {"multi-head": _ours(fn_m, state_m, batch), "posebh": _ours(fn_f, state_f, batch)}
+  del state_m, state_f  # Donated to the first call; the callables hold the live states.
   if use_ref:
     import torch  # pylint: disable=g-import-not-at-top
-    ref_m = _torch_reference(host_batch, proto=False)
-  t_m, flops_m, r_m = _time(fn_m, state_m, batch, a.repeats, ref_m if use_ref else None)
-  del state_m, fn_m
-  if use_ref:
-    del ref_m
-    ref_f = _torch_reference(host_batch, proto=True)
-  t_f, flops_f, r_f = _time(fn_f, state_f, batch, a.repeats, ref_f if use_ref else None)
+    steps["ref multi-head"] = _torch_reference(host_batch, proto=False)
+    steps["ref posebh"] = _torch_reference(host_batch, proto=True)
+  t = _time_interleaved(steps, a.repeats)
+  t_m, t_f = t["multi-head"], t["posebh"]
 
   m = full.model
   print(f"device: {jax.devices()[0].device_kind} x{mesh.size} (mesh {dict(mesh.shape)}); size "
@@ -205,7 +215,8 @@ def main() -> None:
     print(f"reference (PyTorch port): not timed: {why_not}")
     return
   print(f"reference (PyTorch {torch_version} port, {torch.get_num_threads()} threads), same batch, "
-        "steps alternating with ours:")
+        "all four steps interleaved:")
+  r_m, r_f = t["ref multi-head"], t["ref posebh"]
   print(f"  multi-head: reference {r_m * 1e3:10.1f} ms  ours {t_m * 1e3:10.1f} ms  "
         f"ratio reference/ours {r_m / t_m:.3f}")
   print(f"  PoseBH:     reference {r_f * 1e3:10.1f} ms  ours {t_f * 1e3:10.1f} ms  "
