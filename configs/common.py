@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_deconv_filters = (256, 256)
   c.model.use_proto_head = True
   c.model.dtype = "float32"
+  # The heads' BatchNorm statistics: 1 = over the whole global batch (SyncBN under GSPMD);
+  # G > 1 = per group of train.batch_size / G consecutive rows, i.e. per device with
+  # G = mesh.data × mesh.fsdp (the reference's per-GPU BN). See heads.GroupedBatchNorm.
+  c.model.bn_groups = 1
   c.model.proto = ml_collections.ConfigDict(dict(
       deconv_filters=(256, 256), channels=64, out_channels=64,
       num_in_class=3,  # M prototypes per keypoint.

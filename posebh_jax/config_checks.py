@@ -161,6 +161,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _positive_or_off(config, "train.eval_every")
   if not config.train.learning_rate >= 0:  # Also catches NaN.
     raise ConfigError(f"train.learning_rate={config.train.learning_rate}: must be >= 0")
+  groups = config.model.get("bn_groups", 1)
+  if not (isinstance(groups, int) and groups >= 1 and config.train.batch_size % groups == 0):
+    raise ConfigError(f"model.bn_groups={groups}: must be a positive divisor of "
+                      f"train.batch_size={config.train.batch_size}")
   check_input_geometry(config)
   check_datasets(config)
   check_eval_datasets(config)

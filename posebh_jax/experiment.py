@@ -90,7 +90,8 @@ def build_model(config: ml_collections.ConfigDict, layout: SkeletonLayout) -> Po
   return PoseBHModel(backbone=backbone, num_keypoints=layout.num_keypoints,
                      head_deconv_filters=tuple(m.head_deconv_filters), proto_head=proto,
                      use_proto_head=m.use_proto_head,
-                     proto_detach_backbone=m.proto.detach_backbone, dtype=dtype)
+                     proto_detach_backbone=m.proto.detach_backbone, dtype=dtype,
+                     bn_groups=int(m.get("bn_groups", 1)))
 
 
 def topdown_config(config: ml_collections.ConfigDict, layout: SkeletonLayout

@@ -116,17 +116,87 @@ def torch_conv_transpose(features: int, kernel_size: int, name: str,
   return TorchConvTranspose(features, kernel_size, dtype=dtype, name=name)
 
 
-def _batch_norm(train: bool, name: str, dtype: Dtype) -> nn.BatchNorm:
-  # Global-batch statistics: under jit (GSPMD) the mean and variance are reduced over the whole
-  # batch across every device, i.e. SyncBN; the reference computes them per GPU (128 samples,
-  # no SyncBN). Note: flax tracks the biased batch variance in `var`, PyTorch the unbiased one;
-  # the difference is n/(n-1) with n = B*H*W.
+class GroupedBatchNorm(nn.Module):
+  """BatchNorm whose training statistics are taken per group of consecutive batch rows.
+
+  The batch `[B, ...]` is viewed as `[groups, B / groups, ...]` and each group is normalised with
+  the mean and (biased) variance of its own rows (over rows and spatial positions, per
+  channel), as `nn.BatchNorm` does for the whole batch. The batch is sharded contiguously over
+  the mesh's batch axes (`sharding.batch_sharding`), so with `groups` = the number of batch
+  shards each device normalises with the statistics of its own rows: the reference's per-GPU
+  BatchNorm (no SyncBN). Because the grouping is by row, not by device, the result is a pure
+  function of the config: 8 groups on 1 device equal 8 groups on 8 devices.
+
+  Variables are those of `nn.BatchNorm` (`params/{scale, bias}` `[C]`, `batch_stats/{mean,
+  var}` `[C]`), so checkpoints move freely between the two. The running statistics are updated
+  with the mean over groups of the group means and of the group variances (the reference keeps
+  one running estimate per GPU and saves rank 0's; the group average is the estimate of the
+  same per-group quantities with less noise). Evaluation (`use_running_average`) is exactly
+  `nn.BatchNorm`'s.
+
+  Attributes:
+    groups: number of row groups G; must divide the batch size.
+    use_running_average: evaluation mode (running statistics, no update).
+    momentum: decay of the running statistics (flax convention).
+    epsilon: added to the variance.
+    dtype: output dtype; statistics are computed in (at least) float32.
+  """
+  groups: int
+  use_running_average: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[B, ..., C]` -> `[B, ..., C]` normalised per group of `B / groups` rows."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      xf = x.astype(stat_dtype)
+    else:
+      b = x.shape[0]
+      if self.groups < 1 or b % self.groups:
+        raise ValueError(f"BatchNorm groups={self.groups} must divide the batch size {b}")
+      # [G, B/G, ..., C]: reshaping the contiguously sharded batch axis keeps each group's rows
+      # on its device, so the reduction below needs no cross-device traffic when G is a
+      # multiple of the shard count.
+      xf = x.astype(stat_dtype).reshape((self.groups, b // self.groups) + x.shape[1:])
+      axes = tuple(range(1, xf.ndim - 1))
+      # Same formula as flax's BatchNorm (fast variance, clipped at 0).
+      mean = xf.mean(axes, keepdims=True)
+      var = jnp.maximum(0.0, jnp.square(xf).mean(axes, keepdims=True) - jnp.square(mean))
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(self.groups, c).mean(0)
+        ra_var.value = m * ra_var.value + (1 - m) * var.reshape(self.groups, c).mean(0)
+    y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
+
+
+def _batch_norm(train: bool, name: str, dtype: Dtype, groups: int = 1) -> nn.Module:
+  """The heads' BatchNorm.
+
+  groups == 1 (the default): global-batch statistics. Under jit (GSPMD) the mean and variance
+  are reduced over the whole batch across every device, i.e. SyncBN. groups > 1:
+  `GroupedBatchNorm`, statistics per group of `B / groups` consecutive rows; with groups = the
+  number of batch shards (`mesh.data × mesh.fsdp`) that is per-device statistics, the
+  reference's setting (per GPU, 128 samples, no SyncBN). Note: flax tracks the biased batch
+  variance in `var`, PyTorch the unbiased one; the difference is n/(n-1) with n = rows·H·W.
+  """
+  if groups != 1:
+    return GroupedBatchNorm(groups, use_running_average=not train, dtype=dtype, name=name)
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def deconv_stack(x: jax.Array, filters: tuple[int, ...], kernels: tuple[int, ...], *,
-                 train: bool, dtype: Dtype) -> jax.Array:
+                 train: bool, dtype: Dtype, bn_groups: int = 1) -> jax.Array:
   """`len(filters)` x [deconv (no bias) -> BN -> ReLU], each doubling the resolution.
 
   Must be called inside a compact module: the layers are named `deconv_layers_{3i}` /
@@ -139,6 +209,7 @@ def deconv_stack(x: jax.Array, filters: tuple[int, ...], kernels: tuple[int, ...
     kernels: kernel size of each deconv (4 in PoseBH).
     train: BN uses batch statistics (and updates `batch_stats`) when True.
     dtype: compute dtype.
+    bn_groups: BatchNorm statistics groups (`_batch_norm`).
 
   Returns:
     `[B, H * 2^n, W * 2^n, filters[-1]]` (x unchanged when `filters` is empty).
@@ -147,7 +218,7 @@ def deconv_stack(x: jax.Array, filters: tuple[int, ...], kernels: tuple[int, ...
     raise ValueError(f"deconv filters {filters} and kernels {kernels} differ in length")
   for i, (f, k) in enumerate(zip(filters, kernels)):
     x = torch_conv_transpose(f, k, f"deconv_layers_{3 * i}", dtype)(x)
-    x = _batch_norm(train, f"deconv_layers_{3 * i + 1}", dtype)(x)
+    x = _batch_norm(train, f"deconv_layers_{3 * i + 1}", dtype, bn_groups)(x)
     x = nn.relu(x)
   return x
 
@@ -169,12 +240,15 @@ class HeatmapHead(nn.Module):
     deconv_kernels: kernel of each deconv ((4, 4) in PoseBH); defaults to 4 for every deconv.
     final_kernel: kernel of the final conv (1 in PoseBH; 3 also supported).
     dtype: compute dtype; the output is float32.
+    bn_groups: BatchNorm statistics over the whole batch (1) or per group of rows
+      (`_batch_norm`).
   """
   num_keypoints: int
   deconv_filters: tuple[int, ...] = (256, 256)
   deconv_kernels: tuple[int, ...] | None = None
   final_kernel: int = 1
   dtype: Dtype = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -189,7 +263,7 @@ class HeatmapHead(nn.Module):
     """
     kernels = self.deconv_kernels or (4,) * len(self.deconv_filters)
     x = deconv_stack(x.astype(self.dtype), self.deconv_filters, kernels, train=train,
-                     dtype=self.dtype)
+                     dtype=self.dtype, bn_groups=self.bn_groups)
     x = _conv(self.num_keypoints, self.final_kernel, "final_layer", self.dtype)(x)
     return jnp.transpose(x, (0, 3, 1, 2)).astype(jnp.float32)
 
@@ -211,17 +285,18 @@ class ResBlock(nn.Module):
   """The 'res' neck: SiLU(BN(conv(SiLU(BN(conv(x))))) + BN(conv1x1(x)))."""
   features: int
   dtype: Dtype = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """`[B, H, W, C]` -> `[B, H, W, features]`."""
     y = _conv(self.features, 3, "conv1", self.dtype)(x)
-    y = nn.silu(_batch_norm(train, "bn1", self.dtype)(y))
+    y = nn.silu(_batch_norm(train, "bn1", self.dtype, self.bn_groups)(y))
     y = _conv(self.features, 3, "conv2", self.dtype)(y)
-    y = _batch_norm(train, "bn2", self.dtype)(y)
+    y = _batch_norm(train, "bn2", self.dtype, self.bn_groups)(y)
     # The reference always builds the 1x1 downsample branch (in != out channels in PoseBH).
     r = _conv(self.features, 1, "downsample_0", self.dtype, use_bias=False)(x)
-    r = _batch_norm(train, "downsample_1", self.dtype)(r)
+    r = _batch_norm(train, "downsample_1", self.dtype, self.bn_groups)(r)
     return nn.silu(y + r)
 
 
@@ -235,6 +310,7 @@ class ProtoHead(nn.Module):
     out_channels: embedding dim E (64 in PoseBH).
     head_kernel: kernel of the first head conv (3).
     dtype: compute dtype; the embedding is returned in float32.
+    bn_groups: BatchNorm statistics groups (`_batch_norm`).
   """
   deconv_filters: tuple[int, ...] = (256, 256)
   deconv_kernels: tuple[int, ...] | None = None
@@ -242,6 +318,7 @@ class ProtoHead(nn.Module):
   out_channels: int = 64
   head_kernel: int = 3
   dtype: Dtype = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -256,9 +333,9 @@ class ProtoHead(nn.Module):
     """
     kernels = self.deconv_kernels or (4,) * len(self.deconv_filters)
     x = deconv_stack(x.astype(self.dtype), self.deconv_filters, kernels, train=train,
-                     dtype=self.dtype)
-    x = ResBlock(self.channels, dtype=self.dtype, name="neck")(x, train=train)
+                     dtype=self.dtype, bn_groups=self.bn_groups)
+    x = ResBlock(self.channels, dtype=self.dtype, bn_groups=self.bn_groups, name="neck")(x, train=train)
     x = _conv(self.channels, self.head_kernel, "head_0", self.dtype)(x)
-    x = nn.silu(_batch_norm(train, "head_1", self.dtype)(x))
+    x = nn.silu(_batch_norm(train, "head_1", self.dtype, self.bn_groups)(x))
     x = _conv(self.out_channels, 1, "head_3", self.dtype)(x)
     return x.astype(jnp.float32)

@@ -62,6 +62,10 @@ class PoseBHModel(nn.Module):
       losses train the prototype head only. This is what the reference's schedule amounts to:
       its backbone is frozen whenever the prototype losses are active (spec §3.2).
     dtype: compute dtype (float32 or bfloat16); params and all outputs are float32.
+    bn_groups: the heads' BatchNorm statistics: 1 = over the whole global batch (SyncBN under
+      GSPMD); G > 1 = per group of B / G consecutive rows, i.e. per device when G is the number
+      of batch shards (`heads.GroupedBatchNorm`). A config value, so results do not depend on
+      the device count.
   """
   backbone: ViTMoEConfig = ViTMoEConfig()
   num_keypoints: tuple[int, ...] = (17, 14, 16, 17, 17, 133)
@@ -72,6 +76,7 @@ class PoseBHModel(nn.Module):
   use_proto_head: bool = True
   proto_detach_backbone: bool = False
   dtype: Dtype = jnp.float32
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, images: jax.Array, dataset_index: jax.Array, *,
@@ -93,13 +98,13 @@ class PoseBHModel(nn.Module):
     heatmaps = tuple(
         HeatmapHead(k, self.head_deconv_filters, self.head_deconv_kernels,
                     self.head_final_kernel, dtype=jnp.float32 if d == 0 else self.dtype,
-                    name=f"heads_{d}")(features, train=train)
+                    bn_groups=self.bn_groups, name=f"heads_{d}")(features, train=train)
         for d, k in enumerate(self.num_keypoints))
     embedding = None
     if self.use_proto_head:
       proto_in = jax.lax.stop_gradient(features) if self.proto_detach_backbone else features
       embedding = ProtoHead(**dataclasses.asdict(self.proto_head), dtype=self.dtype,
-                            name="proto_head")(proto_in, train=train)
+                            bn_groups=self.bn_groups, name="proto_head")(proto_in, train=train)
     return ModelOutputs(heatmaps=heatmaps, embedding=embedding, features=features)
 
 
