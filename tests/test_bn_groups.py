@@ -15,10 +15,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
+from data_pipelines import pipeline
 from posebh_jax import config_checks, experiment
 from posebh_jax.models import heads
 from posebh_jax.train import loop, sharding, step as step_lib
-from data_pipelines import pipeline
 
 
 def _numpy_grouped_bn(x, groups, scale, bias, eps=heads.BN_EPS):
@@ -59,15 +59,14 @@ def test_grouped_bn_equals_per_group_numpy(groups):
   bn = heads.GroupedBatchNorm(groups)
   variables = _init_and_set(bn, x)
   y, mutated = bn.apply(variables, x, mutable=["batch_stats"])
-  want, group_mean, group_var = _numpy_grouped_bn(x, groups, np.asarray(variables["params"]["scale"]),
-                                                  np.asarray(variables["params"]["bias"]))
+  scale, bias = (np.asarray(variables["params"][k]) for k in ("scale", "bias"))
+  want, group_mean, group_var = _numpy_grouped_bn(x, groups, scale, bias)
   np.testing.assert_allclose(y, want, atol=2e-5, rtol=1e-5)
   m = heads.BN_MOMENTUM
   np.testing.assert_allclose(mutated["batch_stats"]["mean"], (1 - m) * group_mean, atol=1e-5)
   np.testing.assert_allclose(mutated["batch_stats"]["var"], m + (1 - m) * group_var, rtol=1e-5)
   # The option changes the normalisation: the whole-batch result is different.
-  whole, _, _ = _numpy_grouped_bn(x, 1, np.asarray(variables["params"]["scale"]),
-                                  np.asarray(variables["params"]["bias"]))
+  whole, _, _ = _numpy_grouped_bn(x, 1, scale, bias)
   assert np.abs(whole - want).max() > 0.1
 
 

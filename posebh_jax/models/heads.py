@@ -334,7 +334,8 @@ class ProtoHead(nn.Module):
     kernels = self.deconv_kernels or (4,) * len(self.deconv_filters)
     x = deconv_stack(x.astype(self.dtype), self.deconv_filters, kernels, train=train,
                      dtype=self.dtype, bn_groups=self.bn_groups)
-    x = ResBlock(self.channels, dtype=self.dtype, bn_groups=self.bn_groups, name="neck")(x, train=train)
+    x = ResBlock(self.channels, dtype=self.dtype, bn_groups=self.bn_groups,
+                 name="neck")(x, train=train)
     x = _conv(self.channels, self.head_kernel, "head_0", self.dtype)(x)
     x = nn.silu(_batch_norm(train, "head_1", self.dtype, self.bn_groups)(x))
     x = _conv(self.out_channels, 1, "head_3", self.dtype)(x)
