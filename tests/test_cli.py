@@ -56,6 +56,8 @@ BAD = [  # override -> what the one line must say
      "multiple of model.patch_size=8"),
     ("--config.data.heatmap_size=(16,16)", "data.heatmap_size=(16, 16): the 8x6 token grid"),
     ("--config.train.batch_size=abc", "--config.train.batch_size=abc: invalid literal"),
+    ("--config.model.bn_groups=3", "model.bn_groups=3: must be a positive divisor of "
+     "train.batch_size=8"),
 ]
 
 
