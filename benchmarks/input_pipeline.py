@@ -20,6 +20,11 @@ targets with weights.
                 heatmaps made on the host), plus, for reference, `device_targets.dataset_targets`
                 jitted on this machine's JAX device per batch.
 
+  decode alone, at 1/2, at 1/8
+                `cv2.imread`, and `cv2.imdecode` with `IMREAD_REDUCED_COLOR_2/8` (JPEG DCT-domain
+                downscaling): the share of the default path that is decoding, and the most a
+                reduced decode could gain (printed as ceilings).
+
 First both sides are run on the same records with the same generator and their outputs
 compared, so the comparison is of the same work. Throughput is samples per CPU-second of this
 process (`time.process_time`, all threads; OpenCV is set to one thread), i.e. per core; wall
