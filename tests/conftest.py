@@ -8,11 +8,70 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+# One persistent compilation cache for the whole session, set before JAX is imported: the
+# in-process tests and every subprocess (CLIs inherit the environment) reuse an executable that
+# any of them compiled from the same program, instead of recompiling the same tiny configs in
+# each of ~50 processes. A cache hit is the same executable, so results stay bit for bit those
+# of a fresh compile. Everything is cached (not only compilations over 1 s), and the key does
+# not depend on the cache's path (JAX would otherwise add a GPU autotune folder under it).
+# A cache directory given by the caller is kept; ours is removed at the end of the session.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+COMPILATION_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="posebh_tests_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", "none")
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # Not an xdist worker's exit.
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
+# --- Tiny synthetic training runs (test_end_to_end, test_preemption, test_checkpoint_faults) -----
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+  """A folder where the tiny synthetic datasets are generated on first use (the same files for
+  every test: the generator is seeded), shared by the whole session."""
+  return str(tmp_path_factory.mktemp("synthetic_data"))
+
+
+def tiny_config(data_root: str, **train):
+  """`configs/synthetic.py:tiny` on `data_root`, data=8 mesh, the session's compilation cache,
+  and `train.<key>=value` overrides."""
+  from configs import synthetic
+  cfg = synthetic.get_config("tiny")
+  cfg.data.root = str(data_root)
+  cfg.mesh.data = 8
+  cfg.train.compilation_cache = COMPILATION_CACHE
+  for k, v in train.items():
+    cfg.train[k] = v
+  return cfg
+
+
+def tiny_train_args(workdir, data_root, *overrides: str, **train) -> list[str]:
+  """argv of `posebh-train --config=configs/synthetic.py:tiny` (as `python -m`, run from REPO)
+  like `tiny_config`: `overrides` are further `--config.x=y` flags, `train` sets
+  `--config.train.<key>=value`."""
+  return [sys.executable, "-m", "posebh_jax.main_train", "--config=configs/synthetic.py:tiny",
+          f"--workdir={workdir}", f"--config.data.root={data_root}", "--config.mesh.data=8",
+          f"--config.train.compilation_cache={COMPILATION_CACHE}",
+          *[f"--config.train.{k}={v}" for k, v in train.items()], *overrides]
+
+
+def cli_env() -> dict[str, str]:
+  """The environment of a CLI subprocess: this one, with this checkout on PYTHONPATH."""
+  return dict(os.environ, PYTHONPATH=str(REPO))
 
 
 def shared_path(rel: str) -> pathlib.Path:

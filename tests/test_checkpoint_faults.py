@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
+from conftest import cli_env, tiny_train_args
 from faultcheck import changed, snapshot
 from posebh_jax import experiment
 from posebh_jax.train import checkpoint as checkpoint_lib
@@ -36,13 +36,11 @@ NUM_STEPS = 10  # Checkpoints at 2, 4, 6, 8, 10 (all kept).
 
 
 def _cli(workdir, data_root, *overrides, num_steps=NUM_STEPS):
-  args = [sys.executable, "-m", "posebh_jax.main_train", "--config=configs/synthetic.py:tiny",
-          f"--workdir={workdir}", f"--config.data.root={data_root}", "--config.mesh.data=8",
-          f"--config.train.num_steps={num_steps}", "--config.train.eval_at_end=False",
-          "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
-          "--config.train.log_every=1", *overrides]
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  args = tiny_train_args(workdir, data_root, "--config.train.eval_at_end=False",
+                         "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5",
+                         "--config.train.log_every=1", *overrides, num_steps=num_steps)
+  return subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=900)
 
 
 def _metric_lines(workdir) -> list[dict]:

@@ -10,27 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import synthetic
+from conftest import REPO, cli_env, tiny_config, tiny_train_args
 from posebh_jax.evaluation import evaluate
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("synthetic_data"))
-
-
-def _config(data_root, **train):
-  cfg = synthetic.get_config("tiny")
-  cfg.data.root = data_root
-  cfg.mesh.data = 8
-  for k, v in train.items():
-    cfg.train[k] = v
-  return cfg
 
 
 def _params(workdir, cfg, step):
@@ -48,7 +33,7 @@ def _params(workdir, cfg, step):
 def test_train_checkpoint_resume_evaluate(tmp_path, data_root):
   wd_a, wd_b = str(tmp_path / "a"), str(tmp_path / "b")
   # Uninterrupted: 4 steps, checkpoints at 2 and 4, evaluation at the end.
-  out = loop.train_and_evaluate(_config(data_root, num_steps=4), wd_a)
+  out = loop.train_and_evaluate(tiny_config(data_root, num_steps=4), wd_a)
   assert out["step"] == 4 and np.isfinite(out["train"]["loss/total"])
   assert sorted(checkpoint_lib.Checkpointer(wd_a).all_steps()) == [2, 4]
   metrics = json.load(open(os.path.join(wd_a, "eval", "metrics_4.json")))
@@ -60,10 +45,10 @@ def test_train_checkpoint_resume_evaluate(tmp_path, data_root):
 
   # Interrupted: stop after 2 steps, then the same command with the full budget resumes there
   # and reproduces the uninterrupted run bit for bit (same batches, same step RNG).
-  loop.train_and_evaluate(_config(data_root, num_steps=2, eval_at_end=False), wd_b)
+  loop.train_and_evaluate(tiny_config(data_root, num_steps=2, eval_at_end=False), wd_b)
   assert checkpoint_lib.Checkpointer(wd_b).all_steps() == [2]
-  loop.train_and_evaluate(_config(data_root, num_steps=4, eval_at_end=False), wd_b)
-  cfg = _config(data_root, num_steps=4)
+  loop.train_and_evaluate(tiny_config(data_root, num_steps=4, eval_at_end=False), wd_b)
+  cfg = tiny_config(data_root, num_steps=4)
   a, b = _params(wd_a, cfg, 4), _params(wd_b, cfg, 4)
   for x, y in zip(jax.tree_util.tree_leaves((a.params, a.prototypes, a.batch_stats, a.opt_state)),
                   jax.tree_util.tree_leaves((b.params, b.prototypes, b.batch_stats, b.opt_state))):
@@ -76,36 +61,36 @@ def test_train_checkpoint_resume_evaluate(tmp_path, data_root):
       {k: v for k, v in metrics["per_dataset"]["synth_coco"].items() if k.startswith("pck")})
 
   # A checkpoint of another model is refused with a clear message, not silently loaded.
-  other = _config(data_root, num_steps=4)
+  other = tiny_config(data_root, num_steps=4)
   other.model.embed_dim = 48
   with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="embed_dim"):
     evaluate.evaluate_checkpoint(other, wd_a)
 
 
 def _cli(*args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(list(args), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _eval_args(workdir, *flags):
+  return [sys.executable, "-m", "posebh_jax.main_eval", "--config=configs/synthetic.py:tiny",
+          f"--workdir={workdir}", *flags]
 
 
 def test_cli_trains_and_rejects_typos(tmp_path, data_root):
   wd = str(tmp_path / "cli")
-  bad = _cli("posebh_jax.main_train", "--config=configs/synthetic.py:tiny", f"--workdir={wd}",
-             "--config.train.nmu_steps=3")
+  bad = _cli(*tiny_train_args(wd, data_root, "--config.train.nmu_steps=3"))
   assert bad.returncode != 0 and "nmu_steps" in bad.stderr
-  ok = _cli("posebh_jax.main_train", "--config=configs/synthetic.py:tiny", f"--workdir={wd}",
-            f"--config.data.root={data_root}", "--config.train.num_steps=2")
+  ok = _cli(*tiny_train_args(wd, data_root, num_steps=2))
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "Evaluation at step 2" in ok.stdout and "synth_ap10k" in ok.stdout
   train_metrics = pathlib.Path(wd, "eval", "metrics_2.json").read_bytes()
-  ev = _cli("posebh_jax.main_eval", "--config=configs/synthetic.py:tiny", f"--workdir={wd}",
-            f"--config.data.root={data_root}", "--config.eval.flip_test=True")
+  ev = _cli(*_eval_args(wd, f"--config.data.root={data_root}", "--config.eval.flip_test=True"))
   assert ev.returncode == 0, ev.stderr[-3000:]
   assert "Evaluation at step 2" in ev.stdout
   # The evaluation (other settings) has its own folder; the training run's results are intact.
   assert pathlib.Path(wd, "eval", "metrics_2.json").read_bytes() == train_metrics
   assert json.load(open(os.path.join(wd, "eval_cli", "all", "metrics_2.json")))["step"] == 2
-  missing = _cli("posebh_jax.main_eval", "--config=configs/synthetic.py:tiny",
-                 f"--workdir={tmp_path / 'empty'}", f"--config.data.root={data_root}")
+  missing = _cli(*_eval_args(tmp_path / "empty", f"--config.data.root={data_root}"))
   assert missing.returncode == 1 and "posebh-eval: no checkpoints in" in missing.stderr
   assert not (tmp_path / "empty").exists()

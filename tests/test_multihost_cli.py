@@ -96,10 +96,16 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def cache(tmp_path_factory) -> str:
+  """The 2-process tiny runs' persistent compilation cache (same program: compiled once)."""
+  return str(tmp_path_factory.mktemp("multihost_cli_jax_cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
   """A 2-process training run killed after its first checkpoint and resumed to the end."""
   root = tmp_path_factory.mktemp("multihost_cli")
-  workdir, logs, cache = str(root / "train"), str(root / "logs"), str(root / "jax_cache")
+  workdir, logs = str(root / "train"), str(root / "logs")
   # The persistent compilation cache outside the workdir, shared by both attempts: the resumed
   # run reuses the killed run's compiled step.
   args = [*COMMON, f"--workdir={workdir}", "--config.train.checkpoint_every=2",
@@ -188,14 +194,15 @@ def test_fsdp_across_processes_reaches_every_row(tmp_path):
                                err_msg=f"step {step}")
 
 
-def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path):
+def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path, cache):
   # Without JAX's preemption service, SIGTERM to ONE process: every process saves the same step
   # and exits 0 (a per-process flag would leave the other host waiting in a collective).
   workdir = str(tmp_path / "run")
   procs = _launch("posebh_jax.main_train",
                   [*COMMON, f"--config.data.root={tmp_path / 'data'}", f"--workdir={workdir}",
                    "--config.train.num_steps=1000", "--config.train.checkpoint_every=1000",
-                   "--config.train.log_every=1", "--config.train.eval_at_end=False"],
+                   "--config.train.log_every=1", "--config.train.eval_at_end=False",
+                   f"--config.train.compilation_cache={cache}"],
                   2, 2, str(tmp_path / "logs"), JAX_ENABLE_PREEMPTION_SERVICE="false")
   metrics = os.path.join(workdir, "train_metrics.jsonl")
   deadline = time.time() + TIMEOUT_S

@@ -11,48 +11,31 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from configs import synthetic
+from conftest import REPO, cli_env, tiny_config, tiny_train_args
 from posebh_jax import experiment
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("synthetic_data"))
-
-
 def _config(data_root, **train):
-  cfg = synthetic.get_config("tiny")
-  cfg.data.root = data_root
-  cfg.mesh.data = 8
-  cfg.train.num_steps = NUM_STEPS
-  cfg.train.eval_at_end = False
-  for k, v in train.items():
-    cfg.train[k] = v
-  return cfg
+  return tiny_config(data_root, **{"num_steps": NUM_STEPS, "eval_at_end": False, **train})
 
 
 def _cli_args(workdir, data_root, **train):
-  args = [sys.executable, "-m", "posebh_jax.main_train", "--config=configs/synthetic.py:tiny",
-          f"--workdir={workdir}", f"--config.data.root={data_root}", "--config.mesh.data=8",
-          f"--config.train.num_steps={NUM_STEPS}", "--config.train.eval_at_end=False"]
-  return args + [f"--config.train.{k}={v}" for k, v in train.items()]
+  return tiny_train_args(workdir, data_root,
+                         **{"num_steps": NUM_STEPS, "eval_at_end": False, **train})
 
 
 def _start(args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(args, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

@@ -19,6 +19,8 @@ import sys
 
 import pytest
 
+from conftest import COMPILATION_CACHE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Commands that need what only the user has; each with the reason.
@@ -37,8 +39,10 @@ NOT_HERE = [
 ]
 # Overrides appended to the synthetic commands: the same commands, seconds instead of minutes.
 SHORT_DATA = ["--config.data.synthetic.num_train=12", "--config.data.synthetic.num_val=4"]
+# The session's compilation cache (not <workdir>/compilation_cache): posebh-eval and
+# posebh-infer reuse what the training run's final evaluation compiled.
 SHORT_TRAIN = ["--config.train.num_steps=3", "--config.train.checkpoint_every=3",
-               "--config.train.log_every=1"]
+               "--config.train.log_every=1", f"--config.train.compilation_cache={COMPILATION_CACHE}"]
 
 
 def readme_commands() -> list[str]:
