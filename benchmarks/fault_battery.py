@@ -213,6 +213,7 @@ class Battery:
     if self._base is None:
       wd = self.root / "base"
       if not (wd / "checkpoints" / str(BASE_STEPS)).is_dir():
+        self.ensure_data()
         r = self.train(wd, num_steps=BASE_STEPS)
         if r.rc != 0:
           raise RuntimeError(f"the base run failed:\n{r.err[-3000:]}")
@@ -280,8 +281,19 @@ class Battery:
       shutil.copytree(self.base(), wd)
     return wd
 
+  def ensure_data(self) -> Path:
+    """The tiny config's synthetic data, rendered as posebh-train would (what the base run and
+    every case read)."""
+    if not (self.data / "manifest.json").exists():
+      from configs import synthetic
+      from posebh_jax import experiment
+      cfg = synthetic.get_config("tiny")
+      cfg.data.root = str(self.data)
+      experiment.resolve_dataset_files(cfg, str(self.root))
+    return self.data
+
   def copy_data(self, d: Path) -> Path:
-    self.base()  # The first run generated the data.
+    self.ensure_data()
     data = d / "data"
     shutil.copytree(self.data, data)
     return data
@@ -368,14 +380,6 @@ def ckpt_bit_rot(b: Battery, d: Path) -> Outcome:
   return _damaged_resume(b, d, damage)
 
 
-@case(3, "correct")
-def ckpt_one_flipped_bit(b: Battery, d: Path) -> Outcome:
-  def damage(step):
-    chunk = max(_chunks(step), key=lambda p: p.stat().st_size)
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 3] ^= 0x01
-    chunk.write_bytes(bytes(raw))
-  return _damaged_resume(b, d, damage)
 
 
 @case(2, "correct")
@@ -399,14 +403,8 @@ def ckpt_empty_iterator_state(b: Battery, d: Path) -> Outcome:
   return _damaged_resume(b, d, damage)
 
 
-@case(2, "correct")
-def ckpt_deleted_state_dir(b: Battery, d: Path) -> Outcome:
-  return _damaged_resume(b, d, lambda step: shutil.rmtree(step / "state"))
 
 
-@case(2, "correct")
-def ckpt_deleted_chunk(b: Battery, d: Path) -> Outcome:
-  return _damaged_resume(b, d, lambda step: _chunks(step)[0].unlink())
 
 
 @case(2, "clear error")
@@ -447,9 +445,6 @@ def mismatch_embed_dim(b: Battery, d: Path) -> Outcome:
   return _mismatch(b, d, "--config.model.embed_dim=48", "embed_dim")
 
 
-@case(4, "clear error")
-def mismatch_depth(b: Battery, d: Path) -> Outcome:
-  return _mismatch(b, d, "--config.model.depth=3", "depth")
 
 
 # === Item 5: kill -9, SIGTERM, reruns: each step once, bit-identical ==========================
@@ -493,12 +488,6 @@ def kill9_during_async_save(b: Battery, d: Path) -> Outcome:
   return _interrupted(b, d, saving, signal.SIGKILL)
 
 
-@case(5, "correct")
-def kill9_mid_step(b: Battery, d: Path) -> Outcome:
-  def two_logged(wd):
-    m = wd / "train_metrics.jsonl"
-    return m.exists() and len(m.read_text().splitlines()) >= 2
-  return _interrupted(b, d, two_logged, signal.SIGKILL)
 
 
 @case(5, "correct")
@@ -581,7 +570,6 @@ def convert_overwrite_converted_weights(b: Battery, d: Path) -> Outcome:
   r = b.convert(out, "--overwrite")
 
   def check():
-    from posebh_jax.convert import weights as weights_lib  # noqa: F401 (import check only)
     got = sorted(p.name for p in d.iterdir())
     if got != ["w"]:
       return f"left beside the output: {got}"
@@ -606,17 +594,16 @@ def _train_on(b: Battery, d: Path, damage: Callable[[Path], None], *overrides: s
   recompiled) or, with `fresh`, from nothing for `num_steps` (0: read and build only)."""
   data = b.copy_data(d)
   damage(data)
-  wd = b.copy_base(d, keep="cache" if fresh else "all")
-  w = Witness(REPO, data, b.base(), b.data, workdir=wd)
+  # A fresh run reads and builds only: it needs no compiled steps (and no base run).
+  wd = d / "wd" if fresh else b.copy_base(d)
+  w = Witness(REPO, data, b.data, *(() if fresh else (b.base(),)), workdir=wd)
   r = b.train(wd, *overrides, data=data, num_steps=num_steps)
-  check = None
-  if skip is None:
-    def check():
-      if re.search(r"skipped [1-9]", r.log) or "skipping a training sample" in r.log:
-        return "something was skipped"
-      return None if "skipped 0 (none)" in r.log else "no data report"
+  def nothing_skipped():
+    if re.search(r"skipped [1-9]", r.log) or "skipping a training sample" in r.log:
+      return "something was skipped"
+    return None if "skipped 0 (none)" in r.log else "no data report"
   return r, classify(r, witness=w, prog="posebh-train: ", names=names, skip=skip,
-                     correct=check), data
+                     correct=nothing_skipped if skip is None else None), data
 
 
 _SAMPLE_SKIP = r"skipping a training sample: [^\n]*\n(?:.|\n)*?(\d+) training sample\(s\) " \
@@ -702,12 +689,6 @@ def train_zero_byte_images(b: Battery, d: Path) -> Outcome:
   return _train_on(b, d, damage, "--config.data.max_bad_images=-1", skip=_SAMPLE_SKIP)[1]
 
 
-@case(9, "counted skip")
-def train_garbage_images(b: Battery, d: Path) -> Outcome:
-  def damage(data):
-    for i, p in enumerate(_coco_train(data, "synth_ap10k")[1]):
-      p.write_bytes(os.urandom(300 + i))
-  return _train_on(b, d, damage, "--config.data.max_bad_images=-1", skip=_SAMPLE_SKIP)[1]
 
 
 @case(9, "clear error")
@@ -739,16 +720,6 @@ def train_image_smaller_than_annotated(b: Battery, d: Path) -> Outcome:
   return _train_on(b, d, damage, "--config.data.max_bad_images=-1", skip=_SAMPLE_SKIP)[1]
 
 
-@case(10, "clear error")
-def eval_image_smaller_than_annotated(b: Battery, d: Path) -> Outcome:
-  import cv2
-  import numpy as np
-  data = b.copy_data(d)
-  val = sorted((data / "synth_aic" / "images").glob("val_*.jpg"))[0]
-  cv2.imwrite(str(val), np.zeros((1, 1, 3), np.uint8))
-  w = Witness(REPO, b.base(), own=(d / "eval_out",))
-  r = b.eval(data)
-  return classify(r, witness=w, prog="posebh-eval: ", names=(str(val), "1x1"))
 
 
 # === Item 11: annotation files =================================================================
@@ -1071,7 +1042,8 @@ def main() -> int:
       flag = "" if out.cls == c.expected else f"  (expected {c.expected})"
       if out.cls not in ACCEPTABLE or out.cls != c.expected:
         bad.append(n)
-      print(f"{c.item:>2} {n:<40} {out.cls:<13} {time.time() - t:5.0f}s  {out.detail[:160]}{flag}",
+      detail = out.detail.replace(str(root), "<root>")[:220]
+      print(f"{c.item:>2} {n:<40} {out.cls:<13} {time.time() - t:5.0f}s  {detail}{flag}",
             flush=True)
   finally:
     if not args.keep and not args.root:
