@@ -137,7 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
       # is never thawed). Acts on the schedule (posebh_jax/train/schedule.py).
       freeze_hook_bookkeeping=False,
       # 6.14: frozen groups run in train mode (BN statistics update, DropPath on).
-      frozen_train_mode=False))
+      frozen_train_mode=False,
+      # 6.15: the centre jitter drawn once when the records are read, not per example/epoch.
+      center_jitter_at_build=False))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import posebh, synthetic
+from data_pipelines import pipeline
 from posebh_jax import experiment
 from posebh_jax.compat import ReferenceCompat
 from posebh_jax.train import schedule
@@ -55,3 +56,37 @@ def test_a_frozen_backbone_drops_no_paths():
     return np.asarray(out.features)
   np.testing.assert_array_equal(features(("backbone",), 0), features(("backbone",), 1))
   assert not np.array_equal(features((), 0), features((), 1))
+
+
+def test_center_jitter_is_drawn_per_example_unless_at_build(tmp_path):
+  # 6.15. Intended: records are read clean and the train transform draws the jitter for every
+  # example (so each epoch sees another shift); reference: drawn once when reading, then fixed.
+  cfg = synthetic.get_config("tiny")
+  cfg.data.root = str(tmp_path / "data")
+  layout = experiment.build_layout(cfg)
+  files = experiment.resolve_dataset_files(cfg, str(tmp_path))
+  clean, _ = experiment.load_records(cfg, layout, files, "train")
+  cfg.data.center_jitter = True
+  per_epoch, _ = experiment.load_records(cfg, layout, files, "train")
+  td = experiment.topdown_config(cfg, layout)
+  assert td.center_jitter == (True, True, True)
+  cfg.reference_compat.center_jitter_at_build = True
+  at_build, _ = experiment.load_records(cfg, layout, files, "train")
+  assert experiment.topdown_config(cfg, layout).center_jitter == ()
+  centers = lambda recs: np.array([r["center"] for d in recs for r in d])
+  np.testing.assert_array_equal(centers(per_epoch), centers(clean))
+  moved = np.any(centers(at_build) != centers(clean), axis=1)
+  assert 0 < moved.mean() < 0.6  # ~30 % of the records, fixed for the run.
+
+  # The transform: with every other augmentation off, two draws of one record differ only by
+  # the jitter (probability 1 here); without it they are identical.
+  still = dict(flip=False, half_body_prob=0.0, scale_factor=0.0, rot_prob=0.0,
+               center_jitter_prob=1.0)
+  record = clean[0][0]
+
+  def joints(center_jitter, seed):
+    t = pipeline.TopDownTrainTransform(dataclasses.replace(td, center_jitter=center_jitter,
+                                                           **still))
+    return t.random_map(record, np.random.default_rng(seed))["joints"]
+  assert not np.array_equal(joints((True,) * 3, 0), joints((True,) * 3, 1))
+  np.testing.assert_array_equal(joints((), 0), joints((), 1))
