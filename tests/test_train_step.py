@@ -29,10 +29,11 @@ _MESHES = {"1": (1, 1), "8": (8, 1), "2x4": (2, 4)}
 _FSDP_MIN_SIZE = 64
 
 
-def _setup(mesh_name="8", dtype="float32", detach=False):
+def _setup(mesh_name="8", dtype="float32", detach=None):
   cfg = synthetic.get_config("tiny")
   cfg.model.dtype = dtype
-  cfg.model.proto.detach_backbone = detach
+  if detach is not None:
+    cfg.model.proto.detach_backbone = detach
   cfg.mesh.data, cfg.mesh.fsdp = _MESHES[mesh_name]
   cfg.mesh.fsdp_min_size = _FSDP_MIN_SIZE
   layout = experiment.build_layout(cfg)
@@ -88,9 +89,9 @@ class Run:
 
 @functools.lru_cache(maxsize=None)
 def _run(mesh_name, num_steps, sgd_lr=None, overrides=(), stage2=False, dtype="float32",
-         detach=False, trainable=None) -> Run:
+         detach=None, trainable=None) -> Run:
   """Runs `num_steps` steps; `stage2`: prototypes frozen and clustered, CPS and CSS on;
-  `detach`: model.proto.detach_backbone; `trainable`: the groups that train (None: all)."""
+  `detach`: model.proto.detach_backbone (None: the config's); `trainable`: the groups that train (None: all)."""
   cfg, layout, model = _setup(mesh_name, dtype, detach)
   mesh = _mesh(cfg)
   state, _, shard, tx = loop.create_train_state(cfg, model, layout, mesh)
@@ -275,7 +276,8 @@ def test_prototype_loss_reaches_the_backbone_unless_detached(detach):
   # Only the prototype losses (heatmap weight 0): by default, as in the reference, their
   # gradients reach the backbone (model.proto.detach_backbone=False); detached, the backbone
   # must not move. The prototype head moves either way.
-  assert synthetic.get_config("tiny").model.proto.detach_backbone is False
+  from configs import posebh
+  assert posebh.get_config("b").model.proto.detach_backbone is False  # The paper's configs.
   run = _run("1", 1, sgd_lr=0.1, overrides=(("heatmap_weight", 0.0),), detach=detach)
   assert _moved(run.initial.params["backbone"], run.final.params["backbone"]) == (not detach)
   assert _moved(run.initial.params["proto_head"], run.final.params["proto_head"])
