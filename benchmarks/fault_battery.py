@@ -380,8 +380,6 @@ def ckpt_bit_rot(b: Battery, d: Path) -> Outcome:
   return _damaged_resume(b, d, damage)
 
 
-
-
 @case(2, "correct")
 def ckpt_truncated_state(b: Battery, d: Path) -> Outcome:
   def damage(step):
@@ -401,10 +399,6 @@ def ckpt_empty_iterator_state(b: Battery, d: Path) -> Outcome:
     for f in (step / "data").glob("*.json"):
       f.write_text("")
   return _damaged_resume(b, d, damage)
-
-
-
-
 
 
 @case(2, "clear error")
@@ -443,8 +437,6 @@ def mismatch_proto_num_in_class(b: Battery, d: Path) -> Outcome:
 @case(4, "clear error")
 def mismatch_embed_dim(b: Battery, d: Path) -> Outcome:
   return _mismatch(b, d, "--config.model.embed_dim=48", "embed_dim")
-
-
 
 
 # === Item 5: kill -9, SIGTERM, reruns: each step once, bit-identical ==========================
@@ -486,8 +478,6 @@ def kill9_during_async_save(b: Battery, d: Path) -> Outcome:
     names = os.listdir(c) if c.is_dir() else []
     return any(n.isdigit() for n in names) and any("tmp" in n for n in names)
   return _interrupted(b, d, saving, signal.SIGKILL)
-
-
 
 
 @case(5, "correct")
@@ -689,8 +679,6 @@ def train_zero_byte_images(b: Battery, d: Path) -> Outcome:
   return _train_on(b, d, damage, "--config.data.max_bad_images=-1", skip=_SAMPLE_SKIP)[1]
 
 
-
-
 @case(9, "clear error")
 def train_bad_images_over_the_limit(b: Battery, d: Path) -> Outcome:
   def damage(data):
@@ -718,8 +706,6 @@ def train_image_smaller_than_annotated(b: Battery, d: Path) -> Outcome:
     for p in _coco_train(data)[1]:
       cv2.imwrite(str(p), np.zeros((1, 1, 3), np.uint8))
   return _train_on(b, d, damage, "--config.data.max_bad_images=-1", skip=_SAMPLE_SKIP)[1]
-
-
 
 
 # === Item 11: annotation files =================================================================
