@@ -214,7 +214,8 @@ class Battery:
       wd = self.root / "base"
       if not (wd / "checkpoints" / str(BASE_STEPS)).is_dir():
         self.ensure_data()
-        r = self.train(wd, num_steps=BASE_STEPS)
+        # Compiling both stages' steps: over 15 min on a 2-core machine shared with other jobs.
+        r = self.train(wd, num_steps=BASE_STEPS, timeout=3600)
         if r.rc != 0:
           raise RuntimeError(f"the base run failed:\n{r.err[-3000:]}")
       self._base = wd
@@ -237,12 +238,13 @@ class Battery:
   # --- Commands ----------------------------------------------------------------------------
 
   def train(self, workdir: Path, *overrides: str, num_steps: int = BASE_STEPS,
-            data: Path | None = None, config: str = TRAIN[0]) -> Run:
+            data: Path | None = None, config: str = TRAIN[0], timeout: float = 900) -> Run:
     return run_module(
         "posebh_jax.main_train", f"--config={config}", f"--workdir={workdir}",
         f"--config.data.root={data or self.data}", f"--config.train.num_steps={num_steps}",
         "--config.train.eval_at_end=False", "--config.train.checkpoint_every=1",
-        "--config.train.keep_checkpoints=10", "--config.train.log_every=1", *overrides)
+        "--config.train.keep_checkpoints=10", "--config.train.log_every=1", *overrides,
+        timeout=timeout)
 
   def start_train(self, workdir: Path, num_steps: int = BASE_STEPS) -> subprocess.Popen:
     args = [sys.executable, "-m", "posebh_jax.main_train", f"--config={TRAIN[0]}",
