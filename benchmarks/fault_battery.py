@@ -348,22 +348,24 @@ def nan_learning_rate(b: Battery, d: Path) -> Outcome:
 # === Items 2 and 3: damaged checkpoints fall back to the newest intact one ====================
 
 def _damaged_resume(b: Battery, d: Path, damage: Callable[[Path], None]) -> Outcome:
-  """Damage step 4 of a copy of the base run; rerunning must fall back to step 3, set step 4
-  aside, and retrain step 4 exactly as the undamaged run did."""
+  """Damage step 4 of a copy of the base run; rerunning must fall back to the checkpoint before
+  it, set step 4 aside, and retrain the steps after exactly as the undamaged run did."""
   wd = b.copy_base(d)
+  prev = max(s for s in _steps(wd) if s < BASE_STEPS)
   damage(wd / "checkpoints" / str(BASE_STEPS))
   w = Witness(REPO, b.data, b.base(), workdir=wd)
   r = b.train(wd)
   out = classify(r, witness=w, correct=b.resumed_right(wd))
   if out.cls == "correct":
-    want = f"resumed from step {BASE_STEPS - 1}, the newest intact checkpoint; skipped damaged " \
+    want = f"resumed from step {prev}, the newest intact checkpoint; skipped damaged " \
            f"steps {BASE_STEPS}"
     if want not in r.err:
       return Outcome("silent", "the fallback was not reported")
     if not (wd / "checkpoints_damaged" / str(BASE_STEPS)).is_dir():
       return Outcome("data lost", "the damaged checkpoint was not kept")
     reason = r.err.split(f"checkpoint step {BASE_STEPS} in ")[1].split("\n")[0]
-    out.detail = "fell back to step 3, retrained bit-identically; " + reason.split(": ", 1)[-1][:90]
+    out.detail = (f"fell back to step {prev}, retrained bit-identically; "
+                  + reason.split(": ", 1)[-1][:90])
   return out
 
 
