@@ -570,7 +570,7 @@ def convert_overwrite_converted_weights(b: Battery, d: Path) -> Outcome:
     if sorted(p.name for p in out.iterdir()) != sorted(p.name for p in b.weights().iterdir()):
       return "the replaced directory differs from a fresh conversion"
     return None
-  return classify(r, witness=w, correct=check)
+  return classify(r, witness=w, correct=check, right="replaced, nothing left beside it")
 
 
 # === Items 7-10: image files ===================================================================
