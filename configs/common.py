@@ -106,8 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
       sample_threshold=0.0,
       num_clusters=96,  # C cluster prototypes (the reference's cp_size).
       cluster_iterations=500, cluster_beta=20.0,
-      # Prototype losses train the prototype head only (see PoseBHModel.proto_detach_backbone).
-      detach_backbone=True))
+      # False, as the reference: prototype (PPC/PPD, CPS) and CSS gradients reach the backbone
+      # whenever it trains. True feeds the prototype head stop_gradient(features).
+      detach_backbone=False))
 
   c.loss = ml_collections.ConfigDict(dict(
       heatmap_weight=1.0,
@@ -138,7 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
       cps_target_order=False,
       # 6.8: the freeze hooks' bookkeeping (a second 'freeze' locks a group: ViT-B's backbone
       # is never thawed). Acts on the schedule (posebh_jax/train/schedule.py).
-      freeze_hook_bookkeeping=False))
+      freeze_hook_bookkeeping=False,
+      # 6.14: frozen groups run in train mode (BN statistics update, DropPath on).
+      frozen_train_mode=False,
+      # 6.15: the centre jitter drawn once when the records are read, not per example/epoch.
+      center_jitter_at_build=False))
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,

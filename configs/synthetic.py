@@ -116,8 +116,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Loss weights. The reference's (1.25e-5 prototype CE, 3.33e-6 prototype heatmaps, 1e-3 CSS)
   # are tuned for fine-tuning a converged ViTPose++ with a frozen backbone; from scratch and for
   # a few hundred steps the prototype head needs gradients well above Adam's epsilon, and CSS
-  # needs a weight that can move the heads. The prototype terms train only the (detached)
-  # prototype head; phm 0.1 keeps its gradient from dominating the shared global-norm clip.
+  # needs a weight that can move the heads. These weights were tuned with the prototype terms
+  # training only the prototype head, so this recipe keeps it detached (the default,
+  # model.proto.detach_backbone=False, lets them reach the backbone as the reference does);
+  # phm 0.1 keeps its gradient from dominating the shared global-norm clip.
+  model.proto.detach_backbone = True
   loss = config.loss
   loss.proto_weight = 1.0
   loss.phm_weight = 0.1

@@ -184,7 +184,13 @@ def jitter_center(record: dict[str, Any], seed: int, index: int, prob: float = 0
   from the JSON reader or from a TFDS source. The scale is not affected (mmpose jitters the
   centre only).
   """
-  rng = np.random.default_rng((seed, index))
+  return jitter_center_from(record, np.random.default_rng((seed, index)), prob)
+
+
+def jitter_center_from(record: dict[str, Any], rng: np.random.Generator, prob: float = 0.3
+                       ) -> dict[str, Any]:
+  """`jitter_center` with draws from `rng`: the train transform's per-example, per-epoch draw
+  (the intended behaviour; spec §6.15)."""
   if rng.random() >= prob:
     return record
   w, h = (float(v) for v in record["bbox"][2:4])

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from data_pipelines import image_files
+from data_pipelines import coco_reader, image_files
 from data_pipelines import transforms
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.train import sharding
@@ -124,6 +124,10 @@ class TopDownConfig:
   rot_prob: float = 0.6
   half_body: tuple[bool, ...] = ()
   host_targets: bool = True
+  # Per dataset: the centre jitter drawn here, per example and epoch (spec §6.15: the reference
+  # draws it once when reading the records, `coco_reader.jitter_center`); () = none.
+  center_jitter: tuple[bool, ...] = ()
+  center_jitter_prob: float = 0.3
 
   def __post_init__(self):
     d = self.layout.num_datasets
@@ -250,6 +254,8 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
     except ImageError as e:
       logging.getLogger("posebh").warning("skipping a training sample: %s", e)
       return self.skipped_example(d)
+    if self.cfg.center_jitter and self.cfg.center_jitter[d]:
+      record = coco_reader.jitter_center_from(dict(record), rng, self.cfg.center_jitter_prob)
     crop, joints, vis = self.augmented_crop(record, image, rng)
     out = self.example(d, crop, joints, vis)
     out["skipped"] = np.float32(0)

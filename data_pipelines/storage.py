@@ -143,3 +143,30 @@ def upload_tree(local_dir: str, dest: str, *, last: tuple[str, ...] = ()) -> int
     with open(os.path.join(local_dir, f), "rb") as src:
       write_bytes(join(dest, *f.split(os.sep)), src.read())
   return len(files)
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+  """Moves the directory `src` to `dst` (which must not exist), local or URL.
+
+  Object stores have no directories to rename (and epath's rename of a "folder" fails: the
+  destination's parent, never created as an object, "does not exist"), so there each file is
+  copied first and the source deleted only once every copy is complete: an interruption leaves
+  the files in both places, never in neither.
+  """
+  if not is_remote(src) and not is_remote(dst):
+    os.makedirs(os.path.dirname(os.fspath(dst)), exist_ok=True)
+    os.rename(src, dst)
+    return
+  src_path, dst_path = epath.Path(src), epath.Path(dst)
+
+  def files(d: epath.Path, rel: tuple[str, ...]):  # epath refuses `**` globs on GCS.
+    for p in d.iterdir():
+      if p.is_dir():
+        yield from files(p, rel + (p.name,))
+      else:
+        yield p, rel + (p.name,)
+  for p, rel in list(files(src_path, ())):
+    target = dst_path.joinpath(*rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    p.copy(target)
+  src_path.rmtree()

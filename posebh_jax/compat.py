@@ -30,6 +30,26 @@ class ReferenceCompat:
       (cluster ids used as prototype ids) instead of the M prototypes nearest to each centroid.
     cps_target_order: 6.7, CPS cluster targets concatenated in dataset order while predictions
       are in batch order (mis-aligned) instead of aligned per sample.
+    freeze_hook_bookkeeping: 6.8, the freeze hooks' bookkeeping: a second 'freeze' of a frozen
+      group locks it, so ViT-B's backbone is never thawed (acts on the schedule,
+      `posebh_jax/train/schedule.py`, not on the step).
+    center_jitter_at_build: 6.15, the training centre jitter (`data.center_jitter`) is drawn
+      once, when the records are read (fixed for the run, as the reference's database build),
+      instead of afresh for every example each epoch (in the train transform).
+    frozen_train_mode: 6.14, frozen parameter groups still run in train mode (their BatchNorm
+      layers normalise with batch statistics and update their running statistics; DropPath
+      stays on in a frozen backbone) instead of eval mode, as a frozen module is meant to.
+
+  Not switches: 6.17's dropped empty CSS set changes nothing here. A dataset's CSS pixel set
+  is empty exactly when no kept pair has a target pixel above 0; a kept pair always has one (its
+  UDP Gaussian is zeroed, weight and all, only when its window misses the heatmap), so then
+  every pair's weight is 0 and the hm and ph terms are 0 as well: dropping them or not gives the
+  same loss and gradients (`train/objective.py` keeps the reference's `where`).
+  6.13's loss normalisers are global-batch means here (each head's MSE over the whole global
+  batch, prototype-head terms over their dataset's samples in the global batch), where the
+  reference takes the same means per GPU and DDP averages the gradients: the two agree for terms
+  normalised by the whole batch and differ for the per-dataset ones when datasets are spread
+  unevenly across GPUs (no switch: it would need per-device loss terms inside the step).
   """
   css_pseudo_keypoint: bool = False
   css_peak_distance: bool = False
@@ -38,6 +58,9 @@ class ReferenceCompat:
   correct_mask_local: bool = False
   cps_topk_sort: bool = False
   cps_target_order: bool = False
+  freeze_hook_bookkeeping: bool = False
+  frozen_train_mode: bool = False
+  center_jitter_at_build: bool = False
 
   @classmethod
   def from_mapping(cls, m: Mapping[str, Any] | None) -> "ReferenceCompat":

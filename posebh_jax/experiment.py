@@ -19,6 +19,7 @@ from data_pipelines import coco_reader, pipeline, readers, storage, tfds_builder
 from data_pipelines.skeletons import (REAL_SKELETONS, SYNTHETIC_SKELETONS, SkeletonInfo,
                                       SkeletonLayout, resolve_skeleton)
 from data_pipelines.synthetic import generate as synthetic_generate
+from posebh_jax.compat import ReferenceCompat
 from posebh_jax.train import distributed
 from posebh_jax.models.heads import ProtoHeadConfig
 from posebh_jax.models.posebh import PoseBHModel
@@ -106,7 +107,20 @@ def topdown_config(config: ml_collections.ConfigDict, layout: SkeletonLayout
       half_body=tuple(bool(e.get("half_body", True)) for e in dataset_entries(config)),
       # The compact batch (uint8 crops + joints; targets drawn in the step) unless the config
       # asks for host-made targets.
-      host_targets=not bool(config.data.get("device_targets", True)))
+      host_targets=not bool(config.data.get("device_targets", True)),
+      center_jitter=() if _jitter_at_build(config) else tuple(
+          _jitters(config, dataset_format(f, e)) for f, e in zip(config.data.dataset_names,
+                                                                  dataset_entries(config))))
+
+
+def _jitters(config: ml_collections.ConfigDict, fmt: str) -> bool:
+  """Whether training records of this format get the centre jitter (COCO-format boxes)."""
+  return bool(config.data.get("center_jitter", False)) and fmt not in ("mpii", "interhand2d")
+
+
+def _jitter_at_build(config: ml_collections.ConfigDict) -> bool:
+  """Spec §6.15: the reference draws the centre jitter once, when reading the records."""
+  return ReferenceCompat.from_mapping(config.reference_compat).center_jitter_at_build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +274,9 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       records.append([])
       reports.append(coco_reader.ReadReport(source=f"{f.name}: no {split} annotations"))
       continue
-    jitter = (config.seed if split == "train" and config.data.get("center_jitter", False)
-              and fmt not in ("mpii", "interhand2d") else None)
+    # Drawn here only as the reference does (§6.15); else per example in the train transform.
+    jitter = (config.seed if split == "train" and _jitters(config, fmt)
+              and _jitter_at_build(config) else None)
     det = entry.get("val_det", "") if split == "val" else ""
     if tfds_dir and not is_generated(config, f.name, entry):  # Generated data: its files.
       tfds_split = "val_det" if det else split

@@ -52,6 +52,7 @@ def main(argv) -> None:
   if _WEIGHTS.value is not None and _STEP.value is not None:
     raise app.UsageError("--step selects a --workdir checkpoint; it does not apply to --weights")
   from data_pipelines.coco_reader import AnnotationError
+  from data_pipelines.image_files import ImageError
   from posebh_jax import config_checks
   from posebh_jax.evaluation import evaluate
   from posebh_jax.evaluation.benchmark import EvalSelectionError
@@ -68,7 +69,9 @@ def main(argv) -> None:
     else:
       evaluate.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _STEP.value, **selection)
   except (config_checks.ConfigError, FileNotFoundError, CheckpointMismatchError,
-          CheckpointDamagedError, EvalSelectionError, AnnotationError) as e:
+          CheckpointDamagedError, EvalSelectionError, AnnotationError, ImageError) as e:
+    # ImageError: an evaluation image that is missing, undecodable or not its annotated size
+    # (the message names the file and the record).
     sys.exit(f"posebh-eval: {e}")
 
 

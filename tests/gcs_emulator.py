@@ -125,6 +125,10 @@ class GcsEmulator:
     with opener.open(url, timeout=10) as r:
       return r.read()
 
+  def delete_object(self, bucket: str, name: str) -> None:
+    """Deletes one object (what a lost upload or a user's `gsutil rm` leaves behind)."""
+    self._request("DELETE", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")
+
   def stop(self) -> None:
     if self.process.poll() is None:
       self.process.terminate()

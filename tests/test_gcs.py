@@ -240,3 +240,97 @@ def test_convert_and_export_read_and_write_the_bucket(gcs_emulator, gcs_bucket, 
   assert done.stdout.strip().splitlines()[-1] == "(1, 17, 3)"
   assert "export/coco_head.npz" in gcs.list_objects(bucket, "export/")
   _no_local_gs_folder(cwd)
+
+
+def _loss_lines(gcs, bucket: str, name: str) -> dict[int, float]:
+  lines = gcs.read_object(bucket, name).decode().splitlines()
+  steps = [json.loads(line)["step"] for line in lines]
+  assert steps == sorted(set(steps)), steps  # Each step once.
+  return {json.loads(line)["step"]: json.loads(line)["loss/total"] for line in lines}
+
+
+def test_damaged_checkpoint_in_the_bucket_is_set_aside_and_training_falls_back(
+    gcs_emulator, trained_run):
+  """restore_latest on gs://: the damaged newest checkpoint is moved to checkpoints_damaged/ in
+  the bucket (copied, then deleted: an object store has no directories to rename), training
+  resumes from the one before and reproduces the undamaged run's losses."""
+  gcs = gcs_emulator
+  bucket, run, cwd, _ = trained_run
+  workdir = f"gs://{bucket}/damaged"
+  # The trained run's data and compiled steps: this run generates and compiles nothing.
+  shared = dict(**{"data.root": f"{run}/synthetic_data",
+                   "train.compilation_cache": f"{run}/compilation_cache",
+                   "train.eval_at_end": False})
+  first = _run(_train_args(workdir, **shared), gcs, cwd)
+  assert first.returncode == 0, first.stderr[-3000:]
+  undamaged = _loss_lines(gcs, bucket, "damaged/train_metrics.jsonl")
+  step6 = [o for o in gcs.list_objects(bucket, "damaged/checkpoints/6/")]
+  assert "damaged/checkpoints/6/state/_METADATA" in step6
+  gcs.delete_object(bucket, "damaged/checkpoints/6/state/_METADATA")
+
+  rerun = _run(_train_args(workdir, **shared), gcs, cwd)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"checkpoint step 6 in {workdir}/checkpoints is damaged, skipped: " in rerun.stderr
+  assert (f"resumed from step 4, the newest intact checkpoint; skipped damaged steps 6 (moved "
+          f"to {workdir}/checkpoints_damaged)") in rerun.stderr, rerun.stderr[-3000:]
+  # Every object of the damaged step kept, under checkpoints_damaged/6; step 6 saved anew.
+  moved = gcs.list_objects(bucket, "damaged/checkpoints_damaged/")
+  assert moved == sorted(o.replace("checkpoints/6/", "checkpoints_damaged/6/") for o in step6
+                         if not o.endswith("state/_METADATA"))
+  assert "damaged/checkpoints/6/state/_METADATA" in gcs.list_objects(bucket,
+                                                                     "damaged/checkpoints/6/")
+  assert _loss_lines(gcs, bucket, "damaged/train_metrics.jsonl") == undamaged
+  _no_local_gs_folder(cwd)
+
+
+def _upload(gcs, cwd, files: dict[str, bytes]) -> None:
+  code = "from etils import epath\n" + "".join(
+      f"epath.Path({url!r}).write_bytes({data!r})\n" for url, data in files.items())
+  up = subprocess.run([sys.executable, "-c", code], env=_env(gcs), cwd=cwd, capture_output=True,
+                      text=True, timeout=120)
+  assert up.returncode == 0, up.stderr[-3000:]
+
+
+def test_convert_overwrite_in_the_bucket_replaces_only_converted_weights(
+    gcs_emulator, gcs_bucket, tmp_path):
+  """posebh-convert --overwrite with a gs:// --out: a training workdir and weights beside a
+  user's file are refused in one line, not one object changed; converted weights are replaced."""
+  from conftest import shared_path
+  gcs, bucket, cwd = gcs_emulator, gcs_bucket, str(tmp_path)
+  pth = str(shared_path("golden/tiny_posebh.pth"))
+  convert = ["posebh_jax.main_convert", f"--config={REPO}/configs/posebh.py:tiny_reference",
+             f"--pth={pth}"]
+  _upload(gcs, cwd, {f"gs://{bucket}/wd/{name}": data for name, data in (
+      ("checkpoints/2/state/_METADATA", b"{}"), ("train_metrics.jsonl", b'{"step": 1}\n'),
+      ("tensorboard/events.out.tfevents.1.host", b"\0" * 32), ("notes.txt", b"mine"))})
+  before = {o: gcs.read_object(bucket, o) for o in gcs.list_objects(bucket)}
+  r = _run(convert + [f"--out=gs://{bucket}/wd", "--overwrite"], gcs, cwd)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"posebh-convert: gs://{bucket}/wd exists and is not converted weights (no "
+      f"gs://{bucket}/wd/meta/metadata marked 'posebh-jax converted weights'): --overwrite only "
+      "replaces a directory written by posebh-convert; nothing was deleted")
+  assert {o: gcs.read_object(bucket, o) for o in gcs.list_objects(bucket)} == before
+
+  out = f"gs://{bucket}/w"
+  assert _run(convert + [f"--out={out}"], gcs, cwd).returncode == 0
+  _upload(gcs, cwd, {f"{out}/README.txt": b"which run these came from"})
+  before = {o: gcs.read_object(bucket, o) for o in gcs.list_objects(bucket)}
+  r = _run(convert + [f"--out={out}", "--overwrite"], gcs, cwd)
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"posebh-convert: {out} holds converted weights and files posebh-convert did not write "
+      "(README.txt): not replaced; nothing was deleted")
+  assert {o: gcs.read_object(bucket, o) for o in gcs.list_objects(bucket)} == before
+
+  gcs.delete_object(bucket, "w/README.txt")
+  old = gcs.read_object(bucket, "w/meta/metadata")
+  r = _run(convert + [f"--out={out}", "--overwrite"], gcs, cwd)
+  assert r.returncode == 0, r.stderr[-3000:]
+  # Replaced (fresh weights, a fresh meta), the workdir untouched, no temporary siblings left.
+  assert json.loads(gcs.read_object(bucket, "w/meta/metadata"))["format"] == \
+      json.loads(old)["format"]
+  assert {o.split("/")[1] for o in gcs.list_objects(bucket, "w/")} == {
+      "_CHECKPOINT_METADATA", "commit_success.txt", "weights", "meta"}
+  assert {o.split("/")[0] for o in gcs.list_objects(bucket)} == {"w", "wd"}
+  _no_local_gs_folder(cwd)

@@ -29,9 +29,11 @@ _MESHES = {"1": (1, 1), "8": (8, 1), "2x4": (2, 4)}
 _FSDP_MIN_SIZE = 64
 
 
-def _setup(mesh_name="8", dtype="float32"):
+def _setup(mesh_name="8", dtype="float32", detach=None):
   cfg = synthetic.get_config("tiny")
   cfg.model.dtype = dtype
+  if detach is not None:
+    cfg.model.proto.detach_backbone = detach
   cfg.mesh.data, cfg.mesh.fsdp = _MESHES[mesh_name]
   cfg.mesh.fsdp_min_size = _FSDP_MIN_SIZE
   layout = experiment.build_layout(cfg)
@@ -86,9 +88,11 @@ class Run:
 
 
 @functools.lru_cache(maxsize=None)
-def _run(mesh_name, num_steps, sgd_lr=None, overrides=(), stage2=False, dtype="float32") -> Run:
-  """Runs `num_steps` steps; `stage2`: prototypes frozen and clustered, CPS and CSS on."""
-  cfg, layout, model = _setup(mesh_name, dtype)
+def _run(mesh_name, num_steps, sgd_lr=None, overrides=(), stage2=False, dtype="float32",
+         detach=None, trainable=None) -> Run:
+  """Runs `num_steps` steps; `stage2`: prototypes frozen and clustered, CPS and CSS on;
+  `detach`: model.proto.detach_backbone (None: the config's); `trainable`: the groups that train (None: all)."""
+  cfg, layout, model = _setup(mesh_name, dtype, detach)
   mesh = _mesh(cfg)
   state, _, shard, tx = loop.create_train_state(cfg, model, layout, mesh)
   if stage2:
@@ -100,7 +104,7 @@ def _run(mesh_name, num_steps, sgd_lr=None, overrides=(), stage2=False, dtype="f
   if stage2:
     scfg = dataclasses.replace(scfg, update_prototypes=False, cps=True, css=True)
   scfg = dataclasses.replace(scfg, **dict(overrides))
-  fn = step_lib.make_train_step(model, tx, scfg, mesh, shard)
+  fn = step_lib.make_train_step(model, tx, scfg, mesh, shard, trainable=trainable)
   initial = jax.device_get(state)
   states, metrics = [], []
   # Counts XLA backend compilations (jit's own dispatch cache may add entries without one).
@@ -262,17 +266,35 @@ def test_non_divisible_batch_fails_loudly():
     sharding.check_batch_size(12, mesh)
 
 
-def test_prototype_loss_does_not_reach_the_backbone_when_detached():
-  # Only the prototype-heatmap loss: the detached backbone (the default) must not move, while the
-  # prototype head does.
-  run = _run("1", 1, sgd_lr=0.1, overrides=(("heatmap_weight", 0.0),))
-  before, after = run.initial, run.final
-  for x, y in zip(jax.tree_util.tree_leaves(before.params["backbone"]),
-                  jax.tree_util.tree_leaves(after.params["backbone"])):
-    np.testing.assert_array_equal(x, y)
-  assert any(not np.allclose(x, y) for x, y in zip(
-      jax.tree_util.tree_leaves(before.params["proto_head"]),
-      jax.tree_util.tree_leaves(after.params["proto_head"])))
+def _moved(before, after) -> bool:
+  return any(not np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(before),
+                                                      jax.tree_util.tree_leaves(after)))
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["default", "detached"])
+def test_prototype_loss_reaches_the_backbone_unless_detached(detach):
+  # Only the prototype losses (heatmap weight 0): by default, as in the reference, their
+  # gradients reach the backbone (model.proto.detach_backbone=False); detached, the backbone
+  # must not move. The prototype head moves either way.
+  from configs import posebh
+  assert posebh.get_config("b").model.proto.detach_backbone is False  # The paper's configs.
+  run = _run("1", 1, sgd_lr=0.1, overrides=(("heatmap_weight", 0.0),), detach=detach)
+  assert _moved(run.initial.params["backbone"], run.final.params["backbone"]) == (not detach)
+  assert _moved(run.initial.params["proto_head"], run.final.params["proto_head"])
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["intended", "reference_6.14"])
+def test_frozen_groups_run_in_eval_mode_unless_the_reference_switch(reference):
+  # Stage 1 of PoseBH: only the prototype head trains. Intended: the frozen heads run in eval
+  # mode, so their BatchNorm running statistics stay as they were; the reference (spec §6.14)
+  # keeps them in train mode, updating the statistics of frozen heads.
+  from posebh_jax.compat import ReferenceCompat
+  run = _run("1", 1, sgd_lr=0.1, trainable=("proto_head",),
+             overrides=(("compat", ReferenceCompat(frozen_train_mode=reference)),))
+  heads = lambda s: {k: v for k, v in s.batch_stats.items() if k.startswith("heads_")}
+  assert heads(run.initial) and _moved(heads(run.initial), heads(run.final)) == reference
+  assert not _moved(run.initial.params["heads_0"], run.final.params["heads_0"])
+  assert _moved(run.initial.batch_stats["proto_head"], run.final.batch_stats["proto_head"])
 
 
 def test_fresh_run_starts_from_converted_weights(tmp_path):

@@ -59,8 +59,9 @@ class PoseBHModel(nn.Module):
     proto_head: prototype-head sizes.
     use_proto_head: build the prototype head (its `embedding` output is None otherwise).
     proto_detach_backbone: feed the prototype head `stop_gradient(features)`, so prototype
-      losses train the prototype head only. This is what the reference's schedule amounts to:
-      its backbone is frozen whenever the prototype losses are active (spec §3.2).
+      losses train the prototype head only. An option, off by default: in the reference the
+      prototype, CPS and CSS gradients reach the backbone whenever it is thawed (ViT-H's last
+      epochs, and ViT-B's with the 6.8 fix), so detaching changes training there.
     dtype: compute dtype (float32 or bfloat16); params and all outputs are float32.
     bn_groups: the heads' BatchNorm statistics: 1 = over the whole global batch (SyncBN under
       GSPMD); G > 1 = per group of B / G consecutive rows, i.e. per device when G is the number
@@ -80,31 +81,38 @@ class PoseBHModel(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, dataset_index: jax.Array, *,
-               train: bool) -> ModelOutputs:
+               train: bool, frozen: tuple[str, ...] = ()) -> ModelOutputs:
     """Runs backbone, all heatmap heads and (optionally) the prototype head.
 
     Args:
       images: normalised crops `[B, H, W, 3]` float.
       dataset_index: `[B]` int, dataset of each sample (selects the MoE expert).
       train: DropPath on and BN in batch-statistics mode (pass `mutable=['batch_stats']`).
+      frozen: parameter groups ("backbone", "heads", "proto_head") that run in eval mode even
+        when `train`: a frozen module neither updates its BN statistics nor drops paths (spec
+        §6.14; the reference keeps them in train mode, `reference_compat.frozen_train_mode`).
 
     Returns:
       `ModelOutputs`.
     """
     features = ViTMoE(**dataclasses.asdict(self.backbone), dtype=self.dtype,
-                      name="backbone")(images, dataset_index, train=train)
+                      name="backbone")(images, dataset_index,
+                                       train=train and "backbone" not in frozen)
     # Head 0 (COCO) always computes in float32: the reference runs it with autocast off
     # (spec §2.6.2, §2.8); heads 1-5 use the compute dtype.
     heatmaps = tuple(
         HeatmapHead(k, self.head_deconv_filters, self.head_deconv_kernels,
                     self.head_final_kernel, dtype=jnp.float32 if d == 0 else self.dtype,
-                    bn_groups=self.bn_groups, name=f"heads_{d}")(features, train=train)
+                    bn_groups=self.bn_groups,
+                    name=f"heads_{d}")(features, train=train and "heads" not in frozen)
         for d, k in enumerate(self.num_keypoints))
     embedding = None
     if self.use_proto_head:
       proto_in = jax.lax.stop_gradient(features) if self.proto_detach_backbone else features
       embedding = ProtoHead(**dataclasses.asdict(self.proto_head), dtype=self.dtype,
-                            bn_groups=self.bn_groups, name="proto_head")(proto_in, train=train)
+                            bn_groups=self.bn_groups,
+                            name="proto_head")(proto_in,
+                                               train=train and "proto_head" not in frozen)
     return ModelOutputs(heatmaps=heatmaps, embedding=embedding, features=features)
 
 

@@ -249,13 +249,11 @@ class Checkpointer:
     """Moves damaged step directories out of orbax's directory (never deletes them)."""
     if jax.process_index() == 0:
       dest = epath.Path(self._damaged_dir())
-      dest.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        src = epath.Path(self.directory) / str(step)
         target = dest / str(step)
         if target.exists():  # Damaged twice at the same step: keep both.
           target = dest / f"{step}.{time.time_ns()}"
-        src.rename(target)
+        storage.move_tree(storage.join(self.directory, str(step)), str(target))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("posebh_checkpoint_set_aside")

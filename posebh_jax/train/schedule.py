@@ -76,7 +76,7 @@ def group_trainable(events: Sequence[tuple[str, int]], step: int, *,
 
 
 def schedule_compat(config: ml_collections.ConfigDict) -> bool:
-  return bool(config.reference_compat.get(SCHEDULE_COMPAT_FLAG, False))
+  return ReferenceCompat.from_mapping(config.reference_compat).freeze_hook_bookkeeping
 
 
 def step_compat(config: ml_collections.ConfigDict) -> ReferenceCompat:

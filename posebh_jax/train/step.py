@@ -78,12 +78,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   groups = split_groups(state.params)
   train_params = {k: v for g in trainable for k, v in groups[g].items()}
   frozen_params = {k: v for k, v in state.params.items() if k not in train_params}
+  # Frozen groups run in eval mode (spec §6.14), unless the reference's train mode is asked for.
+  frozen = () if cfg.compat.frozen_train_mode else tuple(g for g in groups if g not in trainable)
 
   def loss_fn(train_params):
     params = {**frozen_params, **train_params}
     outputs, mutated = model.apply(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-        batch["dataset_index"], train=True, mutable=["batch_stats"], rngs={"droppath": drop_rng})
+        batch["dataset_index"], train=True, frozen=frozen, mutable=["batch_stats"],
+        rngs={"droppath": drop_rng})
     total, metrics, prototypes = posebh_objective(outputs, batch, weight, protos, proto_rng, cfg)
     return total, (metrics, mutated["batch_stats"], prototypes)
 
