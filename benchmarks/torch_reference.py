@@ -376,8 +376,10 @@ class PoseBH(nn.Module):
       ws.append(w_d)
     if not self.proto:
       return total
-    # Prototype losses train the prototype head only (the backbone is frozen while they run).
-    z = self.proto_head(feats.detach()).float()
+    # Every parameter trains in this step, so the prototype, CPS and CSS gradients reach the
+    # backbone through the prototype head, as in the reference whenever its backbone is thawed
+    # (and as ours by default: `model.proto.detach_backbone=False`).
+    z = self.proto_head(feats).float()
     kp = self.kpt_prototype
     phm = kp.heatmap(z)  # [B, 214, 64, 48]
     offs = kp.offsets
