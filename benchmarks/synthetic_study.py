@@ -74,7 +74,7 @@ DATASETS = ("synth_coco", "synth_aic")
 DOMAINS = {"synth_coco": "coco_like", "synth_aic": "aic_like"}
 THIRD_DOMAIN = "third"
 IMAGE_HW = (64, 48)
-HEATMAP_HW = (32, 24)
+HEATMAP_HW = (16, 12)
 
 # The new skeleton of the transfer: midpoints of pairs of rendered landmarks, none of which is a
 # keypoint of any training skeleton.
@@ -110,12 +110,12 @@ class Plan:
     transfer_steps: steps of each transfer fine-tune; transfer_labels: its label counts.
     batch: global batch (half per dataset).
   """
-  num_train: int = 1000
+  num_train: int = 600
   low_data: int = 100
   num_val: int = 200
-  pretrain: int = 300
-  branch: int = 150
-  transfer_steps: int = 120
+  pretrain: int = 240
+  branch: int = 120
+  transfer_steps: int = 60
   transfer_labels: tuple[int, ...] = (50, 200)
   transfer_val: int = 200
   batch: int = 32
@@ -229,7 +229,9 @@ def base_config(names, skeletons, plan: Plan, num_steps: int) -> ml_collections.
       for n, s in zip(names, skeletons)})
   c.data.image_size, c.data.heatmap_size = IMAGE_HW, HEATMAP_HW
   m = c.model
-  m.patch_size, m.embed_dim, m.depth, m.num_heads, m.part_features = 4, 48, 3, 2, 12
+  # Patch 8: an 8×6 token grid and one deconv to the 16×12 heatmap, as the package's synthetic
+  # default at half its input size; a step is a fraction of a second on 2 CPU cores.
+  m.patch_size, m.embed_dim, m.depth, m.num_heads, m.part_features = 8, 48, 3, 2, 12
   m.head_deconv_filters = (32,)
   m.proto.deconv_filters, m.proto.channels, m.proto.out_channels = (16,), 16, 16
   m.proto.num_clusters = 12  # 31 keypoints over the two skeletons.
@@ -243,12 +245,11 @@ def base_config(names, skeletons, plan: Plan, num_steps: int) -> ml_collections.
 
 
 def multihead_config(plan: Plan, num_steps: int) -> ml_collections.ConfigDict:
-  """Pretraining, the baseline branch and the oracle: heatmap losses only (the prototype head
-  exists, so every branch has the same parameters, but is frozen and its losses are off)."""
+  """Pretraining, the baseline branch and the oracle: the multi-head model, no prototype head
+  (the PoseBH branch adds a fresh one: `start_posebh`)."""
   c = base_config(DATASETS, DATASETS, plan, num_steps)
-  c.loss.proto_weight = c.loss.phm_weight = 0.0
+  c.model.use_proto_head = False
   common.set_stage2(c, -1)
-  c.schedule.freeze_hooks.proto_head = ("freeze,0",)
   return c
 
 
@@ -268,13 +269,14 @@ def transfer_config(plan: Plan) -> ml_collections.ConfigDict:
   """The new skeleton alone, with the reference's transfer hooks scaled to `transfer_steps`."""
   t = plan.transfer_steps
   c = base_config(("synth_mid11",), (MID_SKELETON,), plan, t)
-  c.data.datasets.synth_mid11.encoding = "msra"
-  h = c.schedule.freeze_hooks
-  h.proto_head = ("freeze,0",)
+  # The reference's transfer freezes the prototype head (the keypoint embedding) throughout, and
+  # its prototypes do not feed the heatmap head: with or without them the head trains the same,
+  # so the transfer model leaves the prototype head out (a third of the step's cost).
+  c.model.use_proto_head = False
   thaw, freeze = (3 * t) // 4, (4 * t) // 5
-  h.backbone = ("freeze,0", f"thaw,{thaw}", f"freeze,{max(freeze, thaw + 1)}")
-  c.schedule.proto_freeze_step = thaw
-  c.schedule.cps_start_step = c.schedule.css_start_step = -1
+  c.schedule.freeze_hooks.backbone = ("freeze,0", f"thaw,{thaw}",
+                                      f"freeze,{max(freeze, thaw + 1)}")
+  common.set_stage2(c, -1)
   return c
 
 
@@ -310,6 +312,19 @@ class Trainer:
     if stop > start and not bool(metrics["finite"]):
       raise FloatingPointError(f"non-finite loss or state by step {stop}")
     return state
+
+  def start_from(self, state, seed: int, step: int):
+    """A fresh state of this trainer's model holding `state`'s parameters and BN statistics
+    (a model without a prototype head → one with a fresh head and prototypes), at `step`.
+
+    The optimizer state is fresh: the PoseBH stages freeze the backbone and heads at `step`
+    and restart their Adam state when they thaw, as a continued run would.
+    """
+    fresh = self.init(seed)
+    merge = lambda new, old: {**new, **jax.tree_util.tree_map(jnp.copy, old)}
+    return fresh.replace(params=merge(fresh.params, state.params),
+                         batch_stats=merge(fresh.batch_stats, state.batch_stats),
+                         step=jnp.asarray(step, fresh.step.dtype))
 
   def copy(self, state):
     """A copy of `state` (the steps donate their input)."""
@@ -431,7 +446,7 @@ def run_seed(seed: int, plan: Plan, trainers: dict[str, Trainer], data: dict, lo
   def branches(tag: str, pool, tag_id: int):
     get = sampler(pool, kmax, plan.batch, seed, tag_id)
     state = multi.run(multi.init(seed), get, 0, P)
-    pre = multi.copy(state)
+    pre = pose.start_from(state, seed, P)
     base = multi.run(state, get, P, total)
     res[f"{tag}baseline"] = evaluate(multi, base, val, protos=False)
     ours = pose.run(pre, get, P, total)
@@ -455,7 +470,8 @@ def run_seed(seed: int, plan: Plan, trainers: dict[str, Trainer], data: dict, lo
 def transfer_arm(seed: int, plan: Plan, states: dict, trainers: dict[str, Trainer],
                  data: dict) -> dict[str, float]:
   """Fine-tunes the new skeleton's head from each branch (module docstring, item 4)."""
-  src_cfg, tgt = trainers["multi"].config, trainers["transfer"]
+  tgt = trainers["transfer"]
+  source_configs = dict(baseline=trainers["multi"].config, posebh=trainers["posebh"].config)
   names = tgt.layout.skeletons[0].keypoint_names
   out = {}
   with tempfile.TemporaryDirectory(prefix="synthetic_study_") as tmp:
@@ -466,7 +482,8 @@ def transfer_arm(seed: int, plan: Plan, states: dict, trainers: dict[str, Traine
           params=host.params, batch_stats=host.batch_stats, prototypes=None,
           cluster_prototypes=None, cluster_keypoint=None), dict(source=f"study {branch}"))
       dst = os.path.join(tmp, f"{branch}_transfer")
-      transfer_lib.derive_transfer_weights(src_cfg, src, tgt.config, dst, expert=0, seed=seed)
+      transfer_lib.derive_transfer_weights(source_configs[branch], src, tgt.config, dst,
+                                           expert=0, seed=seed)
       cfg = tgt.config.copy_and_resolve_references()
       cfg.init.weights = dst
       for n in plan.transfer_labels:
@@ -586,7 +603,8 @@ def draw_plot(plot: dict, path: str) -> None:
   w, h, left, bottom, top = 900, 420, 60, 90, 40
   img = np.full((h, w, 3), 255, np.uint8)
   vmax = max(0.05, max(m + (0 if math.isnan(c) else c) for _, _, (m, c), _ in bars)) * 1.1
-  y = lambda v: int(round(h - bottom - (h - bottom - top) * v / vmax))
+  # Whiskers are clipped to the axis (intervals of a few seeds can reach below zero).
+  y = lambda v: int(round(h - bottom - (h - bottom - top) * min(max(v, 0.0), vmax) / vmax))
   cv2.line(img, (left, y(0)), (w - 10, y(0)), (0, 0, 0), 1)
   for i in range(6):
     v = vmax * i / 5
@@ -599,10 +617,8 @@ def draw_plot(plot: dict, path: str) -> None:
     if prev is not None and label != prev:
       x += slot
     if label != prev:
-      n_in = sum(1 for b in bars if b[0] == label)
       cv2.putText(img, label, (int(x), h - bottom + 40), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
                   (0, 0, 0), 1, cv2.LINE_AA)
-      del n_in
     x0, x1 = int(x), int(x + slot * 0.85)
     cv2.rectangle(img, (x0, y(m)), (x1, y(0)), col, -1)
     if not math.isnan(c):
