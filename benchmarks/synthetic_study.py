@@ -24,9 +24,10 @@ network's input size (no files, no crop: one run is seconds to a minute on 2 CPU
   4. transfer: a skeleton unseen in training (11 mid-body points: pelvis, thorax, head centre,
      mid upper arms, forearms, thighs and shins) in a third domain ("third" style). From each
      branch's final state, `posebh_jax.convert.transfer.derive_transfer_weights` makes the
-     one-dataset start (backbone with COCO's expert, prototype head; fresh head and prototypes),
-     trained with the reference's transfer hooks (prototype head frozen; backbone frozen except a
-     short thaw at 3/4 of the run) on 50 and on 200 labelled images.
+     one-dataset start (backbone with COCO's expert; fresh head), then it is
+     trained with the reference's transfer hooks (backbone frozen except a short thaw at 3/4 of
+     the run; the prototype head, frozen there throughout, is left out) on 50 and on 200
+     labelled images.
 
   python benchmarks/synthetic_study.py --out=runs/synthetic_study          # full (5 seeds)
   python benchmarks/synthetic_study.py --quick --out=/tmp/study_quick       # machinery check
@@ -325,10 +326,6 @@ class Trainer:
     return fresh.replace(params=merge(fresh.params, state.params),
                          batch_stats=merge(fresh.batch_stats, state.batch_stats),
                          step=jnp.asarray(step, fresh.step.dtype))
-
-  def copy(self, state):
-    """A copy of `state` (the steps donate their input)."""
-    return jax.tree_util.tree_map(jnp.copy, state)
 
 
 def _decode(heatmaps: np.ndarray) -> np.ndarray:
