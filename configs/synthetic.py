@@ -63,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_val=150,
       seed=0,
       image_size=(192, 192),  # (H, W) of the rendered images.
+      # Each dataset in its own look (render.STYLES): the COCO-like and AIC-like sets become
+      # different domains (issue 18; benchmarks/synthetic_study.py). Off: one look for all.
+      domain_styles=False,
   ))
   data.dataset_names = ("synth_coco", "synth_aic", "synth_ap10k")
   for name, encoding in (("synth_coco", "udp"), ("synth_aic", "msra"), ("synth_ap10k", "msra")):

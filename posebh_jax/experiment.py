@@ -224,7 +224,8 @@ def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str) -> li
       out_dir = root or storage.join(workdir, "synthetic_data")
       generate = lambda: synthetic_generate.generate_synthetic_datasets(
           out_dir, num_train=syn.num_train, num_val=syn.num_val, seed=syn.seed,
-          image_size=tuple(syn.image_size), skeletons=synthetic)
+          image_size=tuple(syn.image_size), skeletons=synthetic,
+          domain_styles=bool(syn.get("domain_styles", False)))
       # The same command on every host: process 0 generates while the others wait; then the
       # others find the data (shared workdir) or, on a host-local disk, generate the identical
       # data themselves (every image is a function of its seed and index).

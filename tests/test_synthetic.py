@@ -288,3 +288,62 @@ def test_speed_smoke(tmp_path):
   assert len(os.listdir(image_dir)) == 50
   assert cv2.imread(os.path.join(image_dir, "train_000049.jpg")).shape == (192, 192, 3)
   assert _load(paths["synth_coco"]["val"])["images"] == []
+
+
+# --- Domain styles (issue 18: the COCO-like and AIC-like sets as different domains) -----------
+
+
+def test_default_style_is_the_unstyled_renderer():
+  # A style changes how draws are used, never how many: None and the default style agree, and
+  # every style keeps the landmark set.
+  for i in range(5):
+    a = render.render_sample(np.random.default_rng([4, i]), render.BIPED, (64, 48))
+    b = render.render_sample(np.random.default_rng([4, i]), render.BIPED, (64, 48),
+                             render.DEFAULT_STYLE)
+    assert np.array_equal(a.image, b.image) and a.keypoints == b.keypoints
+    for style in render.STYLES:
+      s = render.render_sample(np.random.default_rng([4, i]), render.BIPED, (64, 48), style)
+      assert set(s.keypoints) == set(render.BIPED_LANDMARKS)
+  with pytest.raises(ValueError, match="unknown style 'comic'"):
+    render.render_sample(np.random.default_rng(0), render.BIPED, (64, 48), "comic")
+
+
+def _style_stats(style: str, n: int = 40) -> tuple[float, float, float]:
+  """(mean background brightness, mean arm raise (wrist above shoulder, pixels / height),
+  mean occluded fraction) over `n` figures."""
+  bright, raise_, occluded = [], [], []
+  for i in range(n):
+    s = render.render_sample(np.random.default_rng([9, i]), render.BIPED, (96, 72), style)
+    bright.append(float(s.background.mean()))
+    k = s.keypoints
+    raise_.append(np.mean([(k[f"{side}_shoulder"][1] - k[f"{side}_wrist"][1]) / 96
+                           for side in ("left", "right")]))
+    occluded.append(np.mean([v == 1 for _, _, v in k.values()]))
+  return float(np.mean(bright)), float(np.mean(raise_)), float(np.mean(occluded))
+
+
+def test_coco_like_and_aic_like_styles_differ_in_look_pose_and_occlusion():
+  coco, aic = _style_stats("coco_like"), _style_stats("aic_like")
+  assert coco[0] > aic[0] + 40  # Bright busy backgrounds vs dark plain ones.
+  assert aic[1] > coco[1] + 0.05  # Arms mostly raised vs mostly low.
+  assert aic[2] > coco[2]  # More occluders.
+
+
+def test_domain_styles_switch_in_the_generator(tmp_path):
+  kw = dict(num_train=3, num_val=0, image_size=(48, 48), skeletons=("synth_coco", "synth_aic"))
+  plain = generate.generate_synthetic_datasets(str(tmp_path / "plain"), **kw)
+  styled = generate.generate_synthetic_datasets(str(tmp_path / "styled"), domain_styles=True,
+                                                **kw)
+  manifest = json.loads((tmp_path / "styled" / generate.MANIFEST).read_text())
+  assert manifest["params"]["domain_styles"] is True
+  assert "domain_styles" not in json.loads((tmp_path / "plain" / generate.MANIFEST).read_text())[
+      "params"]
+  for name in ("synth_coco", "synth_aic"):
+    a = cv2.imread(os.path.join(plain[name]["image_dir"], "train_000000.jpg"))
+    b = cv2.imread(os.path.join(styled[name]["image_dir"], "train_000000.jpg"))
+    assert not np.array_equal(a, b)
+    # Each styled image is the renderer's image in the dataset's style.
+    d = list(SYNTHETIC_SKELETONS).index(name)
+    ref = render.render_sample(np.random.default_rng([0, d, 0, 0]), render.BIPED, (48, 48),
+                               generate.DOMAIN_STYLES[name]).image
+    assert np.abs(b.astype(int) - ref.astype(int)).mean() < 6  # JPEG.

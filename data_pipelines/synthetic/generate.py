@@ -41,6 +41,9 @@ JPEG_QUALITY = 90
 MANIFEST = "manifest.json"
 _IMAGE_NAME = re.compile(r"^(train|val)_\d{6}\.jpg$")
 _CATEGORY = {render.BIPED: "person", render.QUADRUPED: "animal"}
+# With `domain_styles`, each dataset's look (`render.STYLES`): the COCO-like and AIC-like sets
+# become different domains, as COCO and AI Challenger are (issue 18). AP-10K keeps the default.
+DOMAIN_STYLES = {"synth_coco": "coco_like", "synth_aic": "aic_like"}
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -64,16 +67,18 @@ def _same_body(name: str) -> list[str]:
   return [s.name for s in SYNTHETIC_SKELETONS.values() if s.body_type == body]
 
 
-def _render_job(job: tuple[str, str, int, int, int, int, tuple[int, int]]) -> dict[str, Any]:
+def _render_job(job: tuple[str, str, int, int, int, int, tuple[int, int], str | None]
+                ) -> dict[str, Any]:
   """Renders and writes one image; returns its COCO annotation (ids filled in by the caller).
 
   Args:
-    job: (image path, dataset name, seed, dataset index, split index, image index, (H, W)).
+    job: (image path, dataset name, seed, dataset index, split index, image index, (H, W),
+      style name or None).
   """
-  path, name, seed, d, split, i, image_size = job
+  path, name, seed, d, split, i, image_size, style = job
   skel = SYNTHETIC_SKELETONS[name]
   sample = render.render_sample(np.random.default_rng([seed, d, split, i]), skel.body_type,
-                                image_size)
+                                image_size, style)
   ok, buf = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
   if not ok:
     raise RuntimeError(f"JPEG encoding failed for {path}")
@@ -127,7 +132,7 @@ def generate_synthetic_datasets(
     out_dir: str, *, num_train: int = 2000, num_val: int = 200, seed: int = 0,
     image_size: tuple[int, int] = (192, 192),
     skeletons: Sequence[str] = ("synth_coco", "synth_aic", "synth_ap10k"),
-    num_workers: int = 0) -> dict[str, dict[str, str]]:
+    num_workers: int = 0, domain_styles: bool = False) -> dict[str, dict[str, str]]:
   """Generates the synthetic datasets under `out_dir`, or reuses them if already there.
 
   Idempotent: when `out_dir/manifest.json` holds the same parameters (and the annotation files
@@ -144,6 +149,8 @@ def generate_synthetic_datasets(
     image_size: (H, W) of the images.
     skeletons: dataset names, each a key of `SYNTHETIC_SKELETONS`.
     num_workers: processes to render with; 0 renders in this process. The output is identical.
+    domain_styles: render each dataset in its own style (`DOMAIN_STYLES`), so the datasets are
+      different domains; False: one look for all (the default, as before).
 
   Returns:
     {dataset name: {"train": train json path, "val": val json path, "image_dir": dir}}.
@@ -165,6 +172,8 @@ def generate_synthetic_datasets(
   params = dict(generator_version=GENERATOR_VERSION, num_train=int(num_train),
                 num_val=int(num_val), seed=int(seed), image_size=[h, w], skeletons=names,
                 jpeg_quality=JPEG_QUALITY)
+  if domain_styles:  # Only then: manifests of unstyled data stay valid.
+    params["domain_styles"] = True
   result = {n: _paths(out_dir, n) for n in names}
   if _up_to_date(out_dir, params, names):
     return result
@@ -183,7 +192,8 @@ def generate_synthetic_datasets(
     storage.makedirs(storage.dirname(paths["train"]))
     for split_index, split in enumerate(SPLITS):
       jobs += [(storage.join(paths["image_dir"], f"{split}_{i:06d}.jpg"), n, int(seed),
-                known.index(n), split_index, i, (h, w)) for i in range(counts[split])]
+                known.index(n), split_index, i, (h, w),
+                DOMAIN_STYLES.get(n) if domain_styles else None) for i in range(counts[split])]
 
   if num_workers > 0 and len(jobs) > 1:
     ctx = multiprocessing.get_context("spawn")  # Fork is unsafe once JAX threads exist.
@@ -242,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--skeletons", default="synth_coco,synth_aic,synth_ap10k",
                       help="comma-separated dataset names")
   parser.add_argument("--num_workers", type=int, default=0)
+  parser.add_argument("--domain_styles", action="store_true",
+                      help="render each dataset in its own style (different domains)")
   args = parser.parse_args(argv)
 
   names = tuple(n for n in args.skeletons.split(",") if n)
@@ -251,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   start = time.time()
   paths = generate_synthetic_datasets(
       args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-      image_size=tuple(args.image_size), skeletons=names, num_workers=args.num_workers)
+      image_size=tuple(args.image_size), skeletons=names, num_workers=args.num_workers,
+      domain_styles=args.domain_styles)
   seconds = time.time() - start
   print(summarize(paths))
   total = (args.num_train + args.num_val) * len(names)

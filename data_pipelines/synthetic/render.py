@@ -48,6 +48,72 @@ QUADRUPED_LANDMARKS = (
 Color = tuple[int, int, int]
 
 
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """A dataset's look: what makes two synthetic datasets different domains (issue 18).
+
+  Every field changes how random draws are used, never how many are drawn, so the default style
+  renders exactly the images of the unstyled renderer.
+
+  Attributes:
+    name: for messages and the manifest.
+    palette_lo, palette_hi: BGR range that random clothing/fur/accent colours are mapped into
+      (affine per channel; (0, 0, 0)–(255, 255, 255) is the identity).
+    backgrounds: background kinds allowed (0 gradient, 1 colour noise, 2 stripes, 3 flat); the
+      kind drawn is taken modulo this list.
+    background_gain, background_offset: the background's pixels become gain · p + offset.
+    arm_angle: shoulder angle range (radians from hanging down; the pose prior of the arms).
+    lean: torso lean range (radians).
+    head: "round" (a disk with eyes, ears, nose and mouth) or "square" (a visored box: the face
+      features are drawn as slits and studs at the same landmarks).
+    hair_prob: chance of a hair cap on a round head.
+    occluders: probabilities of 0, 1 and 2 occluders.
+    limb_width: scale of arm and leg widths.
+  """
+
+  name: str = "default"
+  palette_lo: tuple[float, float, float] = (0.0, 0.0, 0.0)
+  palette_hi: tuple[float, float, float] = (255.0, 255.0, 255.0)
+  backgrounds: tuple[int, ...] = (0, 1, 2, 3)
+  background_gain: float = 1.0
+  background_offset: float = 0.0
+  arm_angle: tuple[float, float] = (-0.5, 2.9)
+  lean: tuple[float, float] = (-0.3, 0.3)
+  head: str = "round"
+  hair_prob: float = 0.7
+  occluders: tuple[float, float, float] = (0.45, 0.35, 0.2)
+  limb_width: float = 1.0
+
+  def color(self, c: np.ndarray) -> np.ndarray:
+    """A random [0, 255] BGR colour mapped into the palette."""
+    lo, hi = np.asarray(self.palette_lo), np.asarray(self.palette_hi)
+    return lo + c * (hi - lo) / 255.0
+
+
+DEFAULT_STYLE = Style()
+# The per-dataset domains of the synthetic study (benchmarks/synthetic_study.py): a COCO-like set
+# of bright, warm-clothed, round-headed figures with arms mostly low on busy bright backgrounds,
+# and an AIC-like set of dark-clad, box-headed figures with arms mostly raised on dark plain
+# backgrounds with more occluders; a third domain for the transfer to a new skeleton.
+STYLES: dict[str, Style] = {
+    "coco_like": Style(
+        name="coco_like", palette_lo=(0.0, 60.0, 150.0), palette_hi=(110.0, 230.0, 255.0),
+        backgrounds=(1, 2), background_gain=0.55, background_offset=110.0,
+        arm_angle=(-0.5, 1.3), lean=(-0.15, 0.15), head="round", hair_prob=0.95,
+        occluders=(0.7, 0.25, 0.05), limb_width=0.85),
+    "aic_like": Style(
+        name="aic_like", palette_lo=(60.0, 30.0, 0.0), palette_hi=(150.0, 110.0, 60.0),
+        backgrounds=(0, 3), background_gain=0.45, background_offset=0.0,
+        arm_angle=(1.0, 2.9), lean=(-0.35, 0.35), head="square", hair_prob=0.0,
+        occluders=(0.3, 0.4, 0.3), limb_width=1.25),
+    "third": Style(
+        name="third", palette_lo=(0.0, 120.0, 0.0), palette_hi=(120.0, 255.0, 120.0),
+        backgrounds=(0, 2), background_gain=0.5, background_offset=60.0,
+        arm_angle=(0.3, 2.0), lean=(-0.25, 0.25), head="round", hair_prob=0.0,
+        occluders=(0.5, 0.35, 0.15), limb_width=1.0),
+}
+
+
 # --- Drawing primitives ---------------------------------------------------------------------------
 
 
@@ -167,7 +233,8 @@ _SKIN = np.array([[60, 90, 140], [90, 130, 190], [120, 165, 225], [40, 60, 95], 
 # --- Biped ----------------------------------------------------------------------------------------
 
 
-def _biped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]]:
+def _biped(rng: np.random.Generator, style: Style = DEFAULT_STYLE
+           ) -> tuple[dict[str, np.ndarray], list[_Part]]:
   """A front-facing human stick figure in canonical units (standing height ≈ 1, y down).
 
   Returns:
@@ -176,17 +243,17 @@ def _biped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]
   """
   u = rng.uniform
   lm: dict[str, np.ndarray] = {}
-  lean = u(-0.3, 0.3)
+  lean = u(*style.lean)
   up = _rot([0.0, -1.0], lean)
   side = _rot([1.0, 0.0], lean)  # Towards the figure's left (image right: it faces the viewer).
   down = -up
   torso, shoulder_half, hip_half = u(0.26, 0.32), u(0.085, 0.125), u(0.06, 0.085)
   neck_len, head_r = u(0.03, 0.055), u(0.055, 0.075)
-  arm_w, leg_w = u(0.022, 0.042), u(0.03, 0.055)
+  arm_w, leg_w = u(0.022, 0.042) * style.limb_width, u(0.03, 0.055) * style.limb_width
 
-  shirt, pants, accent = _color(rng), _color(rng), _color(rng)
+  shirt, pants, accent = (style.color(_color(rng)) for _ in range(3))
   skin = _SKIN[rng.integers(len(_SKIN))] + rng.uniform(-20, 20, 3)
-  hair = _color(rng) * 0.5
+  hair = style.color(_color(rng)) * 0.5
 
   neck_base = up * torso
   for name, sgn in (("left", 1.0), ("right", -1.0)):
@@ -210,7 +277,7 @@ def _biped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]
     out = sgn * side
     # Arm: shoulder angle from hanging down (0) through sideways to raised (≈165°), slightly
     # across the body allowed; segments foreshortened as if moving out of the image plane.
-    a = u(-0.5, 2.9)
+    a = u(*style.arm_angle)
     d1 = math.cos(a) * down + math.sin(a) * out
     lm[f"{name}_elbow"] = lm[f"{name}_shoulder"] + d1 * u(0.14, 0.18) * u(0.7, 1.0)
     d2 = _rot(d1, u(-2.4, 2.4))
@@ -254,24 +321,28 @@ def _biped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]
       rh - pad * (side - down), lh + pad * (side + down), waist[0] + 0.15 * (waist[1] - waist[0])])
 
   skin_c = _c(skin)
-  face: list[_Part] = [
-      _Stroke(np.stack([neck_base, head_c]), max(arm_w, 0.35 * head_r) * 1.3, skin_c),
-      _Disk(lm["left_ear"], 0.3 * head_r, _side_color(skin, "left")),
-      _Disk(lm["right_ear"], 0.3 * head_r, _side_color(skin, "right")),
-      _Disk(head_c, head_r, skin_c),
-  ]
-  if rng.random() < 0.7:  # Hair cap: marks the top of the head.
-    t = np.linspace(0, np.pi, 12)[:, None]
-    cap = head_c + head_r * 1.04 * (np.cos(t) * head_side + np.sin(t) * head_up)
-    face.append(_Polygon(np.concatenate([cap, [head_c + 0.45 * head_r * head_up]]), _c(hair)))
-  for name in ("left", "right"):
-    face += [_Disk(lm[f"{name}_eye"], 0.2 * head_r, _side_color(np.full(3, 150.0), name)),
-             _Disk(lm[f"{name}_eye"], 0.12 * head_r, (255, 255, 255)),
-             _Disk(lm[f"{name}_eye"], 0.06 * head_r, (20, 20, 20))]
-  mouth = head_c + turn * head_side - 0.55 * head_r * head_up
-  face += [_Disk(lm["nose"], 0.13 * head_r, _dark(skin, 0.6)),
-           _Stroke(np.stack([mouth - 0.25 * head_r * head_side, mouth + 0.25 * head_r * head_side]),
-                   0.07 * head_r, (40, 40, 150))]
+  if style.head == "square":
+    face = _square_face(rng, lm, neck_base, head_c, head_r, head_up, head_side, turn, arm_w, skin,
+                        hair)
+  else:
+    face: list[_Part] = [
+        _Stroke(np.stack([neck_base, head_c]), max(arm_w, 0.35 * head_r) * 1.3, skin_c),
+        _Disk(lm["left_ear"], 0.3 * head_r, _side_color(skin, "left")),
+        _Disk(lm["right_ear"], 0.3 * head_r, _side_color(skin, "right")),
+        _Disk(head_c, head_r, skin_c),
+    ]
+    if rng.random() < style.hair_prob:  # Hair cap: marks the top of the head.
+      t = np.linspace(0, np.pi, 12)[:, None]
+      cap = head_c + head_r * 1.04 * (np.cos(t) * head_side + np.sin(t) * head_up)
+      face.append(_Polygon(np.concatenate([cap, [head_c + 0.45 * head_r * head_up]]), _c(hair)))
+    for name in ("left", "right"):
+      face += [_Disk(lm[f"{name}_eye"], 0.2 * head_r, _side_color(np.full(3, 150.0), name)),
+               _Disk(lm[f"{name}_eye"], 0.12 * head_r, (255, 255, 255)),
+               _Disk(lm[f"{name}_eye"], 0.06 * head_r, (20, 20, 20))]
+    mouth = head_c + turn * head_side - 0.55 * head_r * head_up
+    face += [_Disk(lm["nose"], 0.13 * head_r, _dark(skin, 0.6)),
+             _Stroke(np.stack([mouth - 0.25 * head_r * head_side,
+                               mouth + 0.25 * head_r * head_side]), 0.07 * head_r, (40, 40, 150))]
 
   order = ["left", "right"] if rng.random() < 0.5 else ["right", "left"]
   parts: list[_Part] = []
@@ -286,10 +357,49 @@ def _biped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]
   return lm, parts
 
 
+def _square_face(rng: np.random.Generator, lm: dict[str, np.ndarray], neck_base: np.ndarray,
+                 head_c: np.ndarray, head_r: float, head_up: np.ndarray, head_side: np.ndarray,
+                 turn: float, arm_w: float, skin: np.ndarray, hair: np.ndarray) -> list[_Part]:
+  """A box head with a visor (the "square" head style) at the round head's landmarks.
+
+  Draws as many random numbers as the round head does (the hair-cap draw), so a style switch
+  changes the look, not the rest of the sample.
+  """
+  rng.random()  # The round head's hair-cap draw.
+  r = head_r * 1.05
+  box = np.stack([head_c + r * (sx * head_side + sy * head_up)
+                  for sx, sy in ((1, 1), (-1, 1), (-1, -1), (1, -1))])
+  helmet = _c(hair * 0.6 + 40.0)
+  parts: list[_Part] = [
+      _Stroke(np.stack([neck_base, head_c]), max(arm_w, 0.35 * head_r) * 1.3, _dark(skin, 0.7)),
+      _Polygon(box, helmet),
+  ]
+  for name in ("left", "right"):
+    # Ear studs: small squares at the ear landmarks.
+    e = lm[f"{name}_ear"]
+    q = 0.22 * head_r
+    parts.append(_Polygon(np.stack([e + q * (sx * head_side + sy * head_up)
+                                    for sx, sy in ((1, 1), (-1, 1), (-1, -1), (1, -1))]),
+                          _side_color(np.full(3, 200.0), name)))
+  visor_c = head_c + turn * head_side + 0.15 * head_r * head_up
+  visor = np.stack([visor_c - 0.75 * head_r * head_side, visor_c + 0.75 * head_r * head_side])
+  parts.append(_Stroke(visor, 0.28 * head_r, (30, 30, 30)))
+  for name in ("left", "right"):
+    parts.append(_Stroke(np.stack([lm[f"{name}_eye"] - 0.15 * head_r * head_side,
+                                   lm[f"{name}_eye"] + 0.15 * head_r * head_side]), 0.1 * head_r,
+                         _side_color(np.full(3, 120.0), name)))
+  parts.append(_Polygon(np.stack([lm["nose"] + 0.15 * head_r * head_up,
+                                  lm["nose"] - 0.1 * head_r * (head_up + head_side),
+                                  lm["nose"] - 0.1 * head_r * (head_up - head_side)]),
+                        (200, 200, 230)))
+  return parts
+
+
 # --- Quadruped ------------------------------------------------------------------------------------
 
 
-def _quadruped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_Part]]:
+def _quadruped(rng: np.random.Generator, style: Style = DEFAULT_STYLE
+               ) -> tuple[dict[str, np.ndarray], list[_Part]]:
   """A four-legged animal seen from the side, in canonical units (body length ≈ 1, y down).
 
   It faces image right or left at random. The near side (right when facing right, left when
@@ -308,7 +418,7 @@ def _quadruped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_P
   near, far = ("right", "left") if facing > 0 else ("left", "right")
   lm: dict[str, np.ndarray] = {}
   a, b = u(0.42, 0.55), u(0.13, 0.2)  # Body semi-axes.
-  fur, accent = _color(rng), _color(rng)
+  fur, accent = style.color(_color(rng)), style.color(_color(rng))
   leg_scale, leg_w = u(0.8, 1.3), u(0.045, 0.08)
 
   lm["neck"] = 0.8 * a * fwd + 0.55 * b * up
@@ -400,9 +510,10 @@ def _quadruped(rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[_P
 # --- Background and occluders ---------------------------------------------------------------------
 
 
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, style: Style = DEFAULT_STYLE
+                ) -> np.ndarray:
   """A textured [h, w, 3] uint8 background: a base texture plus optional blobs, sticks, noise."""
-  kind = rng.integers(4)
+  kind = style.backgrounds[int(rng.integers(4)) % len(style.backgrounds)]
   if kind == 0:  # Bilinear gradient between corner colours.
     img = cv2.resize(rng.integers(0, 256, (2, 2, 3), dtype=np.uint8), (w, h),
                      interpolation=cv2.INTER_LINEAR)
@@ -441,11 +552,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
       p = (rng.uniform(0, 1, 4) * [w, h, w, h] * _ONE).astype(int)
       cv2.line(img, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), c,
                int(rng.integers(1, max(2, scale // 25))), _AA, _SHIFT)
+  if style.background_gain != 1.0 or style.background_offset != 0.0:
+    img = cv2.convertScaleAbs(img, alpha=style.background_gain, beta=style.background_offset)
   return img
 
 
 def _occluders(rng: np.random.Generator, img: np.ndarray, targets: np.ndarray,
-               size: float) -> np.ndarray:
+               size: float, style: Style = DEFAULT_STYLE) -> np.ndarray:
   """Paints 0–2 rectangles/ellipses over parts of the figure.
 
   Args:
@@ -458,7 +571,7 @@ def _occluders(rng: np.random.Generator, img: np.ndarray, targets: np.ndarray,
   """
   h, w = img.shape[:2]
   mask = np.zeros((h, w), np.uint8)
-  n = rng.choice(3, p=(0.45, 0.35, 0.2))
+  n = rng.choice(3, p=style.occluders)
   for _ in range(n):
     center = targets[rng.integers(len(targets))] + rng.normal(0, 0.08 * size, 2)
     half = rng.uniform(0.06, 0.175, 2) * size
@@ -536,17 +649,25 @@ def _extent(parts: list[_Part]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_sample(rng: np.random.Generator, body_type: str,
-                  image_size: tuple[int, int] = (192, 192)) -> RenderedSample:
+                  image_size: tuple[int, int] = (192, 192),
+                  style: Style | str | None = None) -> RenderedSample:
   """Renders one figure of `body_type` ("biped" or "quadruped") on a textured background.
 
   Args:
     rng: the only source of randomness; equal generator states give equal samples.
     body_type: "biped" or "quadruped".
     image_size: (H, W) in pixels.
+    style: the dataset's look: a `Style`, a key of `STYLES`, or None for the default.
 
   Returns:
     The image, its background and the ground truth; see `RenderedSample`.
   """
+  if style is None:
+    style = DEFAULT_STYLE
+  elif isinstance(style, str):
+    if style not in STYLES:
+      raise ValueError(f"unknown style {style!r}; known: {sorted(STYLES)}")
+    style = STYLES[style]
   if body_type == BIPED:
     build = _biped
   elif body_type == QUADRUPED:
@@ -554,8 +675,8 @@ def render_sample(rng: np.random.Generator, body_type: str,
   else:
     raise ValueError(f"unknown body_type {body_type!r}; expected {BIPED!r} or {QUADRUPED!r}")
   h, w = image_size
-  background = _background(rng, h, w)
-  landmarks, parts = build(rng)
+  background = _background(rng, h, w, style)
+  landmarks, parts = build(rng, style)
   m, t, s, lo, hi = _placement(rng, parts, h, w)
   parts = [p.moved(m, t, s) for p in parts]
   names = list(landmarks)
@@ -569,7 +690,7 @@ def render_sample(rng: np.random.Generator, body_type: str,
 
   size = float(max(hi - lo))
   inside = np.all((points >= 0) & (points <= [w - 1, h - 1]), axis=1)
-  mask = _occluders(rng, img, points[inside] if inside.any() else points, size)
+  mask = _occluders(rng, img, points[inside] if inside.any() else points, size, style)
 
   if rng.random() < 0.2:  # Mild blur, as from defocus or a small source image.
     img = cv2.GaussianBlur(img, (3, 3), 0)
