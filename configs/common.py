@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
       freeze_hooks=ml_collections.ConfigDict(dict(backbone=(), heads=(), proto_head=())),
   ))
 
-  # Reference-implementation behaviour per defect of spec §6 (posebh_jax/compat.py); all False =
+  # Reference-implementation behaviour per defect of spec §6 (posebh_jax/objective/compat.py); all False =
   # the intended behaviour.
   c.reference_compat = ml_collections.ConfigDict(dict(
       css_pseudo_keypoint=False, css_peak_distance=False, proto_logit_offset=False,

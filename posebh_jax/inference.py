@@ -199,7 +199,7 @@ class Predictor:
       seed: initialisation seed.
       **kwargs: `Predictor` options (batch_size, flip_test, mesh).
     """
-    from posebh_jax import prototypes as proto_lib
+    from posebh_jax.objective import prototypes as proto_lib
 
     layout = experiment.build_layout(config)
     model = experiment.build_model(config, layout)

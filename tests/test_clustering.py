@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import load_golden
-from posebh_jax import clustering
+from posebh_jax.objective import clustering
 
 
 def _normalize(x):

@@ -25,7 +25,7 @@ from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import check_state_dict_shapes, convert_state_dict
 from posebh_jax.convert.from_pth import ConversionError, convert_checkpoint, extract_state_dict
 from posebh_jax.models import tiny_reference_model
-from posebh_jax.prototypes import prototype_heatmap
+from posebh_jax.objective.prototypes import prototype_heatmap
 
 CONFIG_FILE = REPO / "configs" / "posebh.py"
 

@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from data_pipelines import transforms
-from posebh_jax import css
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective import css
+from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.evaluation import decode
 
 B, K, HM_H, HM_W = 16, 6, 64, 48

@@ -16,7 +16,7 @@ from posebh_jax import experiment
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import convert_state_dict
 from posebh_jax.evaluation import decode, predict
-from posebh_jax.prototypes import prototype_heatmap
+from posebh_jax.objective.prototypes import prototype_heatmap
 from posebh_jax.train import sharding as sharding_lib
 
 COCO, AIC, MPII, AP10K, WHOLEBODY = 0, 1, 2, 3, 5

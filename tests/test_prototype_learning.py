@@ -13,8 +13,8 @@ import pytest
 from conftest import load_golden
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from posebh_jax import prototype_learning as pl
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective import prototype_learning as pl
+from posebh_jax.objective.compat import ReferenceCompat
 
 M = 3
 INTENDED = ReferenceCompat()

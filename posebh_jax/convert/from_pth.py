@@ -139,7 +139,7 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
   """
   import jax
 
-  from posebh_jax import clustering
+  from posebh_jax.objective import clustering
   from posebh_jax.convert import pth_reader, torch_to_flax
   from posebh_jax.convert import weights as weights_lib
 

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from data_pipelines import pipeline, transforms
 from posebh_jax.evaluation import decode
 from posebh_jax.train import distributed
-from posebh_jax.prototypes import prototype_heatmap
+from posebh_jax.objective.prototypes import prototype_heatmap
 
 ROUTES = ("head", "prototypes")
 DARK_KERNEL = 11  # `test_cfg.modulate_kernel` of every PoseBH benchmark (spec §5.1).

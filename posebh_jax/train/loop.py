@@ -25,7 +25,7 @@ from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import distributed, metrics_log
-from posebh_jax.train import objective
+from posebh_jax.objective import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
 from posebh_jax.train import sharding as sharding_lib

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import ml_collections
 
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.train.optimizer import GROUPS
 
 # The one compat flag that acts on the schedule, not on the step (spec §6.8).

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from posebh_jax import prototypes as proto_lib
+from posebh_jax.objective import prototypes as proto_lib
 
 
 @flax.struct.dataclass

@@ -5,7 +5,7 @@ inputs and a resumed run replays the same random numbers. `make_train_step` retu
 sharded version: batch split over the mesh's devices, state sharded by
 `sharding.state_shardings` and donated.
 
-The loss terms live in `posebh_jax.train.objective`; this module only differentiates, applies the
+The loss terms live in `posebh_jax.objective.objective`; this module only differentiates, applies the
 optimizer and writes the new non-gradient state (prototypes) back.
 """
 
@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import device_targets, pipeline
 from posebh_jax.train import sharding
-from posebh_jax.train.objective import ObjectiveConfig, PrototypeState, posebh_objective
+from posebh_jax.objective.objective import ObjectiveConfig, PrototypeState, posebh_objective
 from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
 from posebh_jax.train.state import TrainState
 

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import skeletons
-from posebh_jax import clustering
-from posebh_jax import css as css_lib
-from posebh_jax import losses
-from posebh_jax import prototype_learning as pl
-from posebh_jax import prototypes as proto_lib
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective import clustering
+from posebh_jax.objective import css as css_lib
+from posebh_jax.objective import losses
+from posebh_jax.objective import prototype_learning as pl
+from posebh_jax.objective import prototypes as proto_lib
+from posebh_jax.objective.compat import ReferenceCompat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.evaluation.decode import dark_udp_coords_jax
 
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax.prototypes import l2_normalize
+from posebh_jax.objective.prototypes import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # No bf16/TF32 passes on TPU/GPU: cosines must be f32-exact.
 

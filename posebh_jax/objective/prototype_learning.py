@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax.compat import ReferenceCompat
-from posebh_jax.prototypes import l2_normalize
+from posebh_jax.objective.compat import ReferenceCompat
+from posebh_jax.objective.prototypes import l2_normalize
 
 
 class ProtoLearnResult(NamedTuple):
