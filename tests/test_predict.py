@@ -11,11 +11,12 @@ import pytest
 
 from conftest import load_golden, shared_path
 from configs import posebh as posebh_configs
-from data_pipelines import coco_reader, pipeline
+from data_pipelines import coco_reader, datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import convert_state_dict
-from posebh_jax.evaluation import decode, predict
+from data_pipelines import heatmap_codec as decode
+from posebh_jax.evaluation import predict
 from posebh_jax.objective.prototypes import prototype_heatmap
 from posebh_jax.train import sharding as sharding_lib
 
@@ -26,8 +27,8 @@ COCO, AIC, MPII, AP10K, WHOLEBODY = 0, 1, 2, 3, 5
 def setup():
   """The tiny_reference config's model, layout and top-down settings (no weights)."""
   config = posebh_configs.get_config("tiny_reference")
-  layout = experiment.build_layout(config)
-  return config, experiment.build_model(config, layout), experiment.topdown_config(config, layout)
+  layout = datasets.build_layout(config)
+  return config, experiment.build_model(config, layout), datasets.topdown_config(config, layout)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from configs import synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, optimizer, sharding, step as step_lib
 
@@ -34,7 +34,7 @@ def _setup(mesh_name="8", dtype="float32"):
   cfg.model.dtype = dtype
   cfg.mesh.data, cfg.mesh.fsdp = _MESHES[mesh_name]
   cfg.mesh.fsdp_min_size = _FSDP_MIN_SIZE
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   return cfg, layout, experiment.build_model(cfg, layout)
 
 

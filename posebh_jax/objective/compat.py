@@ -30,6 +30,9 @@ class ReferenceCompat:
       (cluster ids used as prototype ids) instead of the M prototypes nearest to each centroid.
     cps_target_order: 6.7, CPS cluster targets concatenated in dataset order while predictions
       are in batch order (mis-aligned) instead of aligned per sample.
+    freeze_hook_bookkeeping: 6.8, a 'freeze' event of an already-frozen parameter group marks it
+      non-learnable for good (ViT-B's backbone never trains) instead of freezing it again; acts
+      on the stage schedule (`train/schedule.py`), not inside the step.
   """
   css_pseudo_keypoint: bool = False
   css_peak_distance: bool = False
@@ -38,6 +41,7 @@ class ReferenceCompat:
   correct_mask_local: bool = False
   cps_topk_sort: bool = False
   cps_target_order: bool = False
+  freeze_hook_bookkeeping: bool = False
 
   @classmethod
   def from_mapping(cls, m: Mapping[str, Any] | None) -> "ReferenceCompat":
@@ -50,8 +54,3 @@ class ReferenceCompat:
     if unknown:
       raise ValueError(f"unknown reference_compat flags {unknown}; known: {sorted(known)}")
     return cls(**{k: bool(v) for k, v in m.items()})
-
-  @classmethod
-  def reference(cls) -> "ReferenceCompat":
-    """Every flag on: the reference implementation as released."""
-    return cls(**{f.name: True for f in dataclasses.fields(cls)})

@@ -98,22 +98,22 @@ def weight_decay_mask(params: Params) -> Params:
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """lr at a global step: linear warmup from `warmup_ratio · lr` over `warmup_steps`, then decay.
 
-  `train.schedule`: "step" (×`decay_factor` from each of `decay_steps` on; the reference: ×0.1
+  `train.lr_schedule`: "step" (×`decay_factor` from each of `decay_steps` on; the reference: ×0.1
   at epochs 50 and 90), "cosine" (to 0 at `num_steps`) or "constant".
   """
   warmup = max(int(train.warmup_steps), 1)
   lr, ratio = float(train.learning_rate), float(train.warmup_ratio)
-  if train.schedule == "cosine":
+  if train.lr_schedule == "cosine":
     decay = optax.cosine_decay_schedule(lr, max(train.num_steps - warmup, 1))
     start = optax.linear_schedule(lr * ratio, lr, warmup)
     return optax.join_schedules([start, decay], [warmup])
-  if train.schedule == "step":
+  if train.lr_schedule == "step":
     regular = optax.piecewise_constant_schedule(
         lr, {int(s): float(train.decay_factor) for s in train.decay_steps})
-  elif train.schedule == "constant":
+  elif train.lr_schedule == "constant":
     regular = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"unknown train.schedule {train.schedule!r}; use 'step', 'cosine' or "
+    raise ValueError(f"unknown train.lr_schedule {train.lr_schedule!r}; use 'step', 'cosine' or "
                      "'constant'")
 
   def schedule(step):

@@ -27,10 +27,6 @@ from posebh_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
-# The step's static settings are the objective's (kept under the old name for callers).
-StepConfig = ObjectiveConfig
-
-
 def device_inputs(batch: Batch, targets: device_targets.TargetSpec | None) -> Batch:
   """The compact batch (uint8 `image`, crop-space `joints`, `joint_vis`; see
   `data_pipelines.pipeline`) → the step's inputs: normalised image, `target`, `target_weight`,
@@ -93,6 +89,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                                        trainable=trainable)
   metrics["grad_norm"] = stats["grad_norm"]  # Trainable groups only, before clipping.
   metrics["param_norm"] = optax.tree.norm(params)
+  # The base learning rate of this step (before layer decay), for the log: read with the other
+  # metrics instead of being rebuilt on the host.
+  metrics["learning_rate"] = tx.schedule(state.step)
   for g, lr in tx.group_learning_rates(state.step).items():
     metrics[f"lr/{g}"] = lr if g in trainable else jnp.zeros_like(lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -124,7 +123,7 @@ def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
                     targets: device_targets.TargetSpec | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """jit-compiles `train_step` over the mesh: batch split over every device
-  (`sharding.batch_sharding`, the sharding the pipeline places it with), state in
+  (`pipeline.batch_sharding`, the sharding the pipeline places it with), state in
   `state_sharding` and donated (without donation the step's peak memory holds two copies of
   params and moments). `trainable=None`: every group trains; `targets`: the target spec of
   compact batches."""
@@ -134,5 +133,5 @@ def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
     return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable,
                       targets=targets)
 
-  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
