@@ -1,4 +1,5 @@
-"""From a config to the data an experiment reads: skeleton layout, dataset files, records, TFDS builds.
+"""From a config to the data an experiment reads: skeleton layout, dataset files, records, TFDS
+builds.
 
 The config is the only indirection: every builder here reads named fields of `config.data`.
 Shared by training, evaluation and `build_tfds` through `posebh_jax.experiment` (which adds the
@@ -165,8 +166,9 @@ def entry_files(config: ml_collections.ConfigDict, name: str) -> DatasetFiles:
   """The files of any `data.datasets` entry (e.g. one of `data.eval_datasets`), against
   `data.root`; not for generated synthetic data."""
   e, root = config.data.datasets[name], config.data.root
-  return DatasetFiles(name, storage.join_root(root, e.train_ann), storage.join_root(root, e.val_ann),
-                      storage.join_root(root, e.image_dir), storage.join_root(root, e.get("val_image_dir", "")))
+  join = lambda path: storage.join_root(root, path)
+  return DatasetFiles(name, join(e.train_ann), join(e.val_ann), join(e.image_dir),
+                      join(e.get("val_image_dir", "")))
 
 
 def synthetic_dir(config: ml_collections.ConfigDict, workdir: str) -> str | None:
@@ -220,8 +222,9 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
   """Every dataset's `split` ("train" or "val") instance records, by its `format`.
 
   From `data.tfds_dir` (built ArrayRecord, random access without loading it all) when set,
-  except for generated synthetic data, otherwise from the annotation files (`readers.read_dataset`). Training records of
-  COCO-format datasets get the seeded centre jitter when `data.center_jitter` is on.
+  except for generated synthetic data, otherwise from the annotation files
+  (`readers.read_dataset`). Training records of COCO-format datasets get the seeded centre
+  jitter when `data.center_jitter` is on.
 
   Raises:
     ValueError: a dataset has no usable training instance (its skip report is in the message).

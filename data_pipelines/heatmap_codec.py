@@ -1,4 +1,4 @@
-"""The heatmap codec: Gaussian target encoders and heatmap decoders (spec §4.4 step 7, §5.2, §5.3).
+"""The heatmap codec: Gaussian target encoders and heatmap decoders (spec §4.4 step 7, §5.2-5.3).
 
 One module for every encoder and decoder that data, objective and evaluation share:
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from data_pipelines import heatmap_codec
 from posebh_jax.objective import css
 from posebh_jax.objective.compat import ReferenceCompat
-from data_pipelines import heatmap_codec
 
 B, K, HM_H, HM_W = 16, 6, 64, 48
 CONF_THR, MATCH_DIST, SIGMA, KERNEL = 0.25, 2.1, 2.0, 11

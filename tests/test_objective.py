@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.models.posebh import ModelOutputs
 from posebh_jax.objective import clustering, objective
+from posebh_jax.objective.compat import ReferenceCompat
 
 NUM_KPTS = (3, 4)  # Two datasets: global ids 0-2 and 3-6.
 B, H, W, E, M, C = 4, 16, 12, 32, 2, 3

@@ -31,8 +31,8 @@ from jax.sharding import Mesh
 
 from data_pipelines import pipeline, transforms
 from data_pipelines import heatmap_codec
-from posebh_jax.train import distributed
 from posebh_jax.objective.prototypes import prototype_heatmap
+from posebh_jax.train import distributed
 
 ROUTES = ("head", "prototypes")
 DARK_KERNEL = 11  # `test_cfg.modulate_kernel` of every PoseBH benchmark (spec §5.1).

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from posebh_jax.objective.compat import ReferenceCompat
 from data_pipelines.heatmap_codec import dark_udp_coords_jax, udp_heatmaps_jax
+from posebh_jax.objective.compat import ReferenceCompat
 
 
 class CSSTargets(NamedTuple):

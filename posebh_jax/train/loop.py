@@ -24,10 +24,10 @@ from tqdm.contrib import logging as tqdm_logging
 from data_pipelines import datasets, device_targets, pipeline, storage
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
-from posebh_jax.train import checkpoint as checkpoint_lib
-from posebh_jax.train import distributed, metrics_log
 from posebh_jax.objective import clustering
 from posebh_jax.objective.objective import ObjectiveConfig
+from posebh_jax.train import checkpoint as checkpoint_lib
+from posebh_jax.train import distributed, metrics_log
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
 from posebh_jax.train import sharding as sharding_lib

@@ -20,8 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from data_pipelines import device_targets, pipeline
-from posebh_jax.train import sharding
 from posebh_jax.objective.objective import ObjectiveConfig, PrototypeState, posebh_objective
+from posebh_jax.train import sharding
 from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
 from posebh_jax.train.state import TrainState
 
