@@ -114,12 +114,12 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, layout, mesh)
   Returns:
     (init_fn, abstract state whose leaves carry their shardings, shardings, optimizer).
   """
+  proto = config.model.proto
   init_fn = state_lib.make_init_fn(
       model, lambda p: optimizer_lib.make_optimizer(config, p),
       image_size_hw=tuple(config.data.image_size),
-      num_prototype_keypoints=layout.total_keypoints,
-      num_in_class=config.model.proto.num_in_class, embed_dim=config.model.proto.out_channels,
-      num_clusters=config.model.proto.num_clusters)
+      num_prototype_keypoints=layout.total_keypoints, num_in_class=proto.num_in_class,
+      out_channels=proto.out_channels, num_clusters=proto.num_clusters)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
   shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   abstract = jax.tree_util.tree_map(
