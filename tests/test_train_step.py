@@ -66,7 +66,8 @@ class _SGD:
     new = dict(params)
     for k, g in grads.items():
       new[k] = jax.tree_util.tree_map(lambda p, g: p - self.lr * g, params[k], g)
-    return new, opt_state, {"grad_norm": optax.tree.norm(grads)}
+    return new, opt_state, {"grad_norm": optax.tree.norm(grads),
+                            "learning_rate": jnp.float32(self.lr)}
 
   def group_learning_rates(self, step):
     return {g: jnp.float32(self.lr) for g in self.groups}

@@ -170,7 +170,8 @@ class LayerDecayAdamW:
       trainable: the groups to update (static).
 
     Returns:
-      (new params, new optimizer state, {"grad_norm": pre-clip norm, "clip_scale"}).
+      (new params, new optimizer state, {"grad_norm": pre-clip norm, "clip_scale",
+      "learning_rate": the step's base learning rate, before layer decay}).
     """
     g_groups = split_groups(grads) if grads else {}
     if set(g_groups) != set(trainable):
@@ -191,7 +192,8 @@ class LayerDecayAdamW:
         return (p - (lr * scale) * delta).astype(p.dtype)
       p_groups[g] = jax.tree_util.tree_map(apply, p_groups[g], u, self._scale[g],
                                            self._decays[g])
-    return merge_groups(p_groups), new_state, {"grad_norm": norm, "clip_scale": clip}
+    return merge_groups(p_groups), new_state, {"grad_norm": norm, "clip_scale": clip,
+                                               "learning_rate": lr}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Params) -> LayerDecayAdamW:

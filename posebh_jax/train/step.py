@@ -91,7 +91,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   metrics["param_norm"] = optax.tree.norm(params)
   # The base learning rate of this step (before layer decay), for the log: read with the other
   # metrics instead of being rebuilt on the host.
-  metrics["learning_rate"] = tx.schedule(state.step)
+  metrics["learning_rate"] = stats["learning_rate"]
   for g, lr in tx.group_learning_rates(state.step).items():
     metrics[f"lr/{g}"] = lr if g in trainable else jnp.zeros_like(lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
