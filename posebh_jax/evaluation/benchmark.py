@@ -41,7 +41,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import coco_reader, datasets, pipeline, storage
+from data_pipelines import coco_reader, pipeline, storage
+from data_pipelines import datasets as datasets_lib  # `datasets` names the selection here.
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.evaluation import (coco_metrics, evaluator, hand_metrics, mpii_metrics,
                                    predict)
@@ -158,7 +159,7 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
                                f"(data.datasets.{name}.val_ann is empty)")
     # Only generated data has the cross-skeleton ground truth of box-normalised PCK; another
     # dataset in a synthetic config is scored by its own format's protocol.
-    metric, kind = metric_for(entry, synthetic and datasets.is_generated(config, name, entry))
+    metric, kind = metric_for(entry, synthetic and datasets_lib.is_generated(config, name, entry))
     det = entry.get("val_det", "")
     if boxes == "gt":
       det = ""
@@ -173,7 +174,7 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
       continue
     entry = config.data.datasets[name]
     d = names.index(entry.predict_with)  # Checked by config_checks.check_eval_datasets.
-    f = datasets.entry_files(config, name)
+    f = datasets_lib.entry_files(config, name)
     metric, kind = metric_for(entry, False)
     det = "" if boxes == "gt" else entry.get("val_det", "")
     if boxes == "det" and not det:
@@ -188,7 +189,7 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
                       ) -> tuple[list[Sequence[dict[str, Any]]], list[Any]]:
   """Validation records of the selected datasets with their protocol's boxes.
 
-  Reads through `datasets.load_records` (annotation files or TFDS, by format) on a copy of the
+  Reads through `datasets_lib.load_records` (annotation files or TFDS, by format) on a copy of the
   config narrowed to the selected datasets, so unselected ones (possibly without files) are
   never opened.
 
@@ -208,9 +209,9 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       sub.data.datasets[p.name].val_det = p.val_det
   sub_layout = SkeletonLayout(tuple(layout.skeletons[p.index] for p in protocols))
   by_name = {f.name: f for f in files}
-  sub_files = [by_name[p.name] if p.slot < 0 else datasets.entry_files(config, p.name)
+  sub_files = [by_name[p.name] if p.slot < 0 else datasets_lib.entry_files(config, p.name)
                for p in protocols]
-  recs, reports = datasets.load_records(sub, sub_layout, sub_files, "val")
+  recs, reports = datasets_lib.load_records(sub, sub_layout, sub_files, "val")
   records: list[Sequence[dict[str, Any]]] = [[] for _ in range(num_slots)]
   for p, r in zip(protocols, recs):
     records[p.record_slot] = r

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from data_pipelines import datasets, storage
+from data_pipelines import datasets as datasets_lib  # `datasets` names the selection here.
+from data_pipelines import storage
 
 EVAL_CLI_DIR = "eval_cli"  # Under a workdir: posebh-eval's outputs, apart from training's eval/.
 
@@ -34,7 +35,7 @@ def _prepare(config, workdir: str, datasets, boxes: str):
   from posebh_jax.evaluation import benchmark
   from posebh_jax.train import sharding as sharding_lib
 
-  layout = datasets.build_layout(config)
+  layout = datasets_lib.build_layout(config)
   files = experiment.resolve_dataset_files(config, workdir)
   protocols = benchmark.dataset_protocols(config, files, benchmark.parse_datasets(datasets),
                                           boxes, with_eval_datasets=True)
@@ -50,7 +51,7 @@ def _evaluate(config, workdir, layout, model, mesh, files, protocols, state, ste
   from posebh_jax.evaluation import benchmark
   from posebh_jax.train import loop
 
-  td_cfg = datasets.topdown_config(config, layout)
+  td_cfg = datasets_lib.topdown_config(config, layout)
   val_records, reports = benchmark.load_eval_records(config, layout, files, protocols)
   for p, r in zip(protocols, reports):
     logging.getLogger("posebh").info("eval data %s (%s boxes): %s", p.name, p.boxes, r)
