@@ -166,19 +166,7 @@ def udp_target(joints_xy: np.ndarray,
   stride = (image_size − 1) / (heatmap_size − 1); same truncation, window and bounds test as
   MSRA, but the patch is centred at the sub-pixel position:
   `exp(−((i − x0)² + (j − y0)²)/(2σ²))`, `x0 = 3σ + (x/stride_x − mu_x)` (float64 under numpy 2,
-  cast to float32 when pasted, like the reference).
-
-  Args:
-    joints_xy: [K, 2] or mmpose-style [K, 3] joints in crop pixels.
-    joints_vis: [K] or [K, 3] visibility (0/1).
-    image_size_wh: [2] crop (width, height), e.g. (192, 256).
-    heatmap_size_wh: [2] heatmap (width, height), e.g. (48, 64).
-    sigma: Gaussian std in heatmap pixels (3σ must be an integer).
-    joint_weights: optional [K] or [K, 1] per-joint weights multiplied into the weight.
-    num_channels: pad target and weight with zeros to this many channels, None = K.
-
-  Returns:
-    target [K, H, W] float32 and weight [K] float32 (K → num_channels if given).
+  cast to float32 when pasted, like the reference). Arguments and result as `msra_target`'s.
   """
   stride = ((np.asarray(image_size_wh) - 1.0) /
             (np.asarray(heatmap_size_wh, dtype=np.float64) - 1.0))
