@@ -127,7 +127,7 @@ def main() -> None:
       if a.through == "head":
         return out.heatmaps[k]
       own = prototypes[dec.keypoint_offset:dec.keypoint_offset + dec.num_keypoints]
-      from posebh_jax.prototypes import prototype_heatmap
+      from posebh_jax.objective.prototypes import prototype_heatmap
       return prototype_heatmap(out.embedding, own)
 
     def model_only():

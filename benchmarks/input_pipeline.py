@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from configs import samples as samples_config
-from data_pipelines import device_targets, pipeline, transforms
+from data_pipelines import datasets, device_targets, pipeline, transforms
 from posebh_jax import experiment
 
 
@@ -162,12 +162,12 @@ def main() -> None:
   config = samples_config.get_config()
   config.data.root = args.samples
   config.data.image_size, config.data.heatmap_size = (256, 192), (64, 48)  # The real sizes.
-  layout = experiment.build_layout(config)
-  td_default = experiment.topdown_config(config, layout)
+  layout = datasets.build_layout(config)
+  td_default = datasets.topdown_config(config, layout)
   # The OpenCV loop makes float crops and heatmaps: compare with the host-target settings.
   td = dataclasses.replace(td_default, host_targets=True)
   files = experiment.resolve_dataset_files(config, "")
-  samples, _ = experiment.load_records(config, layout, files, "train")
+  samples, _ = datasets.load_records(config, layout, files, "train")
   # Each dataset's records repeated (references, not copies) to a real dataset's size: grain's
   # index shuffle costs milliseconds per lookup on a 2-12 element domain (~4 µs from ~10^4 on)
   # and would swamp the comparison with an artefact of the tiny sample files.

@@ -61,7 +61,7 @@ import numpy as np
 
 from configs import common
 from configs import synthetic as synthetic_configs
-from data_pipelines import device_targets
+from data_pipelines import datasets, device_targets
 from data_pipelines.skeletons import SYNTHETIC_SKELETONS
 from data_pipelines.synthetic import render
 from posebh_jax import experiment
@@ -259,9 +259,9 @@ def posebh_config(plan: Plan, start: int, num_steps: int) -> ml_collections.Conf
   c = base_config(DATASETS, DATASETS, plan, num_steps)
   s2, s3 = start + plan.branch // 3, start + 2 * plan.branch // 3
   h = c.schedule.freeze_hooks
-  h.proto_head = ("freeze,0", f"thaw,{start}")
-  h.heads = (f"freeze,{start}", f"thaw,{s2}")
-  h.backbone = (f"freeze,{start}", f"thaw,{s3}")
+  h.proto_head = (("freeze", 0), ("thaw", start))
+  h.heads = (("freeze", start), ("thaw", s2))
+  h.backbone = (("freeze", start), ("thaw", s3))
   common.set_stage2(c, s2)  # Prototypes freeze, clustered (CPS), CSS on.
   return c
 
@@ -275,8 +275,8 @@ def transfer_config(plan: Plan) -> ml_collections.ConfigDict:
   # so the transfer model leaves the prototype head out (a third of the step's cost).
   c.model.use_proto_head = False
   thaw, freeze = (3 * t) // 4, (4 * t) // 5
-  c.schedule.freeze_hooks.backbone = ("freeze,0", f"thaw,{thaw}",
-                                      f"freeze,{max(freeze, thaw + 1)}")
+  c.schedule.freeze_hooks.backbone = (("freeze", 0), ("thaw", thaw),
+                                      ("freeze", max(freeze, thaw + 1)))
   common.set_stage2(c, -1)
   return c
 
@@ -289,10 +289,10 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.layout = experiment.build_layout(config)
+    self.layout = datasets.build_layout(config)
     loop.validate_config(config, self.layout)
     self.model = experiment.build_model(config, self.layout)
-    td = experiment.topdown_config(config, self.layout)
+    td = datasets.topdown_config(config, self.layout)
     self.mesh = sharding_lib.make_mesh(config.mesh)
     self.init_fn, _, self.shardings, self.tx = loop.abstract_train_state(
         config, self.model, self.layout, self.mesh)

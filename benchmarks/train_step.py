@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from configs import posebh as posebh_configs
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, sharding, throughput
 from posebh_jax.train import step as step_lib
@@ -64,7 +64,7 @@ def _batch(config, layout, batch_size: int, seed: int = 0) -> dict[str, np.ndarr
 
 
 def _build(config, mesh, stage_step: int | None):
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   model = experiment.build_model(config, layout)
   state, _, shardings, tx = loop.create_train_state(config, model, layout, mesh)
   cfg = loop.step_config(config, layout)

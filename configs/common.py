@@ -6,9 +6,55 @@ Tuples, not lists, so that every field can be overridden on the command line.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigArg:
+  """`get_config(arg)`'s argument, parsed (`parse_arg`).
+
+  Attributes:
+    name: the one name of `names` the argument gave (or the default).
+    options: the flags of `options` it gave.
+    values: `key=<N>` settings it gave (positive integers).
+  """
+  name: str | None
+  options: frozenset[str]
+  values: dict[str, int]
+
+
+def parse_arg(arg: str | None, where: str, *, names: Sequence[str] = (), default: str | None = None,
+              options: Sequence[str] = (), values: Sequence[str] = ()) -> ConfigArg:
+  """The one parser of every config file's `get_config(arg)`: comma-separated items, each one of
+  `names` (at most one; `default` if none), a flag of `options`, or `key=<N>` for a key of
+  `values` (a positive integer).
+
+  E.g. `configs/transfer.py:interhand2d,steps_per_epoch=100,tiny`.
+
+  Raises:
+    ValueError: naming `where`, for an unknown or repeated item, two names, or a bad value.
+  """
+  items = [o for o in (arg or "").split(",") if o]
+  name, opts, vals, bad = None, set(), {}, []
+  for item in items:
+    key, eq, value = item.partition("=")
+    if eq and key in values and key not in vals and value.isdigit() and int(value) > 0:
+      vals[key] = int(value)
+    elif not eq and item in names and name is None:
+      name = item
+    elif not eq and item in options and item not in opts:
+      opts.add(item)
+    else:
+      bad.append(item)
+  if bad:
+    expected = ([f"one of {tuple(names)}"] if names else []) + (
+        [f"options {tuple(options)}"] if options else []) + [f"'{k}=<N>'" for k in values]
+    raise ValueError(f"{where}: unknown or bad options {bad} in {arg!r}; expected "
+                     + (", ".join(expected) or "no argument"))
+  return ConfigArg(name if name is not None else default, frozenset(opts), vals)
 
 
 def dataset_entry(*, skeleton: str | Mapping[str, Any], train_ann: str, val_ann: str, image_dir: str,
@@ -61,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.bbox_padding = 1.25
   # grain worker processes; 0 reads in the main process; -1 (auto): 0 where the devices are
   # the CPU (workers would compete with the step for the same cores), else half the host's
-  # CPUs, at most 16 (experiment.num_input_workers): a TPU/GPU host decodes and augments in
+  # CPUs, at most 16 (datasets.num_input_workers): a TPU/GPU host decodes and augments in
   # parallel while its accelerators compute.
   c.data.num_workers = -1
   c.data.prefetch = 2
@@ -126,13 +172,14 @@ def base_config() -> ml_collections.ConfigDict:
       proto_freeze_step=-1,  # Keypoint prototypes stop their EMA updates.
       cps_start_step=-1,  # Prototypes are clustered and the CPS loss starts.
       css_start_step=-1,  # Cross-type self-supervision starts.
-      # The reference's freeze hooks per parameter group, "freeze,<step>" / "thaw,<step>" in
-      # order; empty = trains throughout.
+      # The reference's freeze hooks per parameter group: ("freeze", <step>) / ("thaw", <step>)
+      # events in order, e.g. (("freeze", 0), ("thaw", 500)); empty = trains throughout. On the
+      # command line: --config.schedule.freeze_hooks.backbone='(("freeze", 0),)'.
       freeze_hooks=ml_collections.ConfigDict(dict(backbone=(), heads=(), proto_head=())),
   ))
 
-  # Reference-implementation behaviour per defect of spec §6 (posebh_jax/compat.py); all False =
-  # the intended behaviour.
+  # Reference-implementation behaviour per defect of spec §6 (posebh_jax/objective/compat.py);
+  # all False = the intended behaviour.
   c.reference_compat = ml_collections.ConfigDict(dict(
       css_pseudo_keypoint=False, css_peak_distance=False, proto_logit_offset=False,
       sinkhorn_local_column=False, correct_mask_local=False, cps_topk_sort=False,
@@ -147,9 +194,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=64, num_steps=1000, learning_rate=1e-3, weight_decay=0.1, b1=0.9, b2=0.999,
-      # Linear warmup from warmup_ratio·lr, then "step" (×decay_factor from each of
-      # decay_steps on), "cosine" or "constant" (posebh_jax/train/optimizer.py).
-      warmup_steps=500, warmup_ratio=1e-3, schedule="cosine", decay_steps=(), decay_factor=0.1,
+      # The learning-rate schedule (the stage schedule is `schedule` above): linear warmup from
+      # warmup_ratio·lr, then "step" (×decay_factor from each of decay_steps on), "cosine" or
+      # "constant" (posebh_jax/train/optimizer.py).
+      warmup_steps=500, warmup_ratio=1e-3, lr_schedule="cosine", decay_steps=(),
+      decay_factor=0.1,
       # Layer-wise lr decay rate^(L−1−layer) over num_layers + 2 layers (-1: model.depth);
       # 1.0 = off.
       layer_decay=1.0, layer_decay_num_layers=-1,

@@ -141,11 +141,9 @@ def _set_size(model: ml_collections.ConfigDict, size: str) -> None:
 
 def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
   """Returns the config for `arg` (see the module docstring)."""
-  arg = arg or "b"
   known = ("s", "b", "l", "h", "vitpose_s", "vitpose_b", "vitpose_l", "vitpose_h",
            "tiny_reference", "tiny_reference_samples", "tiny")
-  if arg not in known:
-    raise ValueError(f"configs/posebh.py: unknown argument {arg!r}; expected one of {known}")
+  arg = common.parse_arg(arg, "configs/posebh.py", names=known, default="b").name
   config = common.base_config()
   _real_data(config)
 
@@ -164,7 +162,7 @@ def get_config(arg: str | None = "b") -> ml_collections.ConfigDict:
   train.checkpoint_every = common.epochs(10, _STEPS_PER_EPOCH)
   # Spec §3.4: step decay ×0.1 at epochs 50 and 90, layer decay 0.75 (B) / 0.8 (H) over the
   # backbone's depth. S and L are not in the release: B's rate for S, H's for L.
-  train.schedule = "step"
+  train.lr_schedule = "step"
   train.decay_steps = (common.epochs(50, _STEPS_PER_EPOCH), common.epochs(90, _STEPS_PER_EPOCH))
   train.layer_decay = 0.8 if size in ("l", "h") else 0.75
   if config.model.use_proto_head:
@@ -202,10 +200,10 @@ def _posebh_phases(config: ml_collections.ConfigDict, size: str, steps_per_epoch
   e50, e90 = common.epochs(50 * n, steps_per_epoch), common.epochs(90 * n, steps_per_epoch)
   common.set_stage2(config, e50)
   hooks = config.schedule.freeze_hooks
-  hooks.heads = ("freeze,0", f"thaw,{e50}")
+  hooks.heads = (("freeze", 0), ("thaw", e50))
   # B's list freezes twice (bug 6.8 under the reference's bookkeeping); H's thaws directly.
-  hooks.backbone = (("freeze,0", f"freeze,{e50}", f"thaw,{e90}") if size == "b"
-                    else ("freeze,0", f"thaw,{e90}"))
+  hooks.backbone = ((("freeze", 0), ("freeze", e50), ("thaw", e90)) if size == "b"
+                    else (("freeze", 0), ("thaw", e90)))
 
 
 def scale_recipe(config: ml_collections.ConfigDict, num_steps: int, size: str = "b") -> None:

@@ -41,10 +41,7 @@ _SAMPLES = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the sample-mix config (`arg`: "" or "tfds", see the module docstring)."""
-  opts = set(filter(None, (arg or "").split(",")))
-  if opts - {"tfds"}:
-    raise ValueError(f"configs/samples.py: unknown options {sorted(opts - {'tfds'})}; "
-                     "expected 'tfds' or nothing")
+  opts = common.parse_arg(arg, "configs/samples.py", options=("tfds",)).options
   config = common.base_config()
   data = config.data
   data.root = "../shared/data/samples"

@@ -41,17 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prototype head, no prototype losses, no CPS/CSS) on the same data; "tiny" shrinks
       everything for tests. E.g. `configs/synthetic.py:baseline,tiny`.
   """
-  opts = set(filter(None, (arg or "").split(",")))
-  steps = [o for o in opts if o.startswith("steps=")]
-  opts -= set(steps)
-  unknown = opts - {"baseline", "tiny", "posebh_b"}
-  if unknown or len(steps) > 1 or not all(s.removeprefix("steps=").isdigit() for s in steps):
-    raise ValueError(f"configs/synthetic.py: unknown or bad options {sorted(unknown) or steps}; "
-                     "expected 'baseline', 'tiny', 'posebh_b' and/or one 'steps=<N>'")
+  a = common.parse_arg(arg, "configs/synthetic.py", options=("baseline", "tiny", "posebh_b"),
+                       values=("steps",))
+  opts = a.options
   if "posebh_b" in opts:
     return _posebh_b(get_config("baseline" if "baseline" in opts else None),
-                     int(steps[0].removeprefix("steps=")) if steps else 12,
-                     baseline="baseline" in opts)
+                     a.values.get("steps", 12), baseline="baseline" in opts)
   config = common.base_config()
 
   # --- Data ---------------------------------------------------------------------------------------
@@ -108,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.learning_rate = 4e-3
   train.weight_decay = 1e-4
   train.warmup_steps = 50
-  train.schedule = "cosine"
+  train.lr_schedule = "cosine"
   train.log_every = 50
   train.checkpoint_every = 200
 
@@ -146,9 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.synthetic.num_val = 8
     data.synthetic.image_size = (96, 96)
     common.set_stage2(config, -1 if "baseline" in opts else 2)
-  if steps:
+  if "steps" in a.values:
     # The run's length; the stage change stays at 2/3 of it as in the default (600 of 900).
-    config.train.num_steps = int(steps[0].removeprefix("steps="))
+    config.train.num_steps = a.values["steps"]
     if config.model.use_proto_head:
       common.set_stage2(config, (2 * config.train.num_steps) // 3)
   return config

@@ -65,17 +65,14 @@ _RECIPES = {
 
 def get_config(arg: str | None = "pw3d") -> ml_collections.ConfigDict:
   """Returns the transfer config (see the module docstring)."""
-  opts = [o for o in (arg or "pw3d").split(",") if o]
-  names = [o for o in opts if o in _RECIPES]
-  spe = [o for o in opts if o.startswith("steps_per_epoch=")]
-  rest = set(opts) - set(names) - set(spe) - {"tiny"}
-  if len(names) != 1 or rest or len(spe) > 1 or not all(
-      s.split("=", 1)[1].isdigit() and int(s.split("=", 1)[1]) > 0 for s in spe):
-    raise ValueError(f"configs/transfer.py: bad options {opts}; expected one of "
-                     f"{sorted(_RECIPES)}, optionally 'steps_per_epoch=<N>' and 'tiny'")
-  name = names[0]
+  a = common.parse_arg(arg or "pw3d", "configs/transfer.py", names=sorted(_RECIPES),
+                       options=("tiny",), values=("steps_per_epoch",))
+  if a.name is None:
+    raise ValueError(f"configs/transfer.py: {arg!r} names no dataset; expected one of "
+                     f"{sorted(_RECIPES)}")
+  name = a.name
   r = _RECIPES[name]
-  steps = int(spe[0].split("=", 1)[1]) if spe else STEPS_PER_EPOCH[name]
+  steps = a.values.get("steps_per_epoch", STEPS_PER_EPOCH[name])
   epoch = lambda e: common.epochs(e, steps)
 
   config = posebh_configs.get_config("b")  # ViT-B model, prototype head, loss weights.
@@ -100,7 +97,7 @@ def get_config(arg: str | None = "pw3d") -> ml_collections.ConfigDict:
   train.weight_decay = 0.0  # Adam, not AdamW.
   train.warmup_steps = 500
   train.warmup_ratio = 1e-3
-  train.schedule = "step"
+  train.lr_schedule = "step"
   train.decay_steps = tuple(epoch(e) for e in r["decay"])
   train.num_steps = epoch(r["epochs"])
   train.checkpoint_every = epoch(5)  # The reference's checkpoint_config interval.
@@ -110,15 +107,15 @@ def get_config(arg: str | None = "pw3d") -> ml_collections.ConfigDict:
   s.proto_freeze_step = epoch(r["proto_freeze"])
   s.cps_start_step = -1
   s.css_start_step = -1
-  s.freeze_hooks.proto_head = ("freeze,0",)  # EmbFreezeThawHook: the embedding stays.
+  s.freeze_hooks.proto_head = (("freeze", 0),)  # EmbFreezeThawHook: the embedding stays.
   s.freeze_hooks.heads = ()  # The new head trains throughout.
-  s.freeze_hooks.backbone = tuple(f"{what},{epoch(e)}" for what, e in r["backbone"])
+  s.freeze_hooks.backbone = tuple((what, epoch(e)) for what, e in r["backbone"])
   config.init.weights = ""
 
-  if "tiny" in opts:
+  if "tiny" in a.options:
     common.make_tiny(config)
     config.schedule.proto_freeze_step = 2
-    config.schedule.freeze_hooks.backbone = ("freeze,0", "thaw,2")
+    config.schedule.freeze_hooks.backbone = (("freeze", 0), ("thaw", 2))
     config.train.decay_steps = (2, 3)
   return config
 

@@ -10,7 +10,7 @@ val_image_dir or image_dir) and, where `val_det` is set, `val_det` (those detect
 val_ann naming the images); paths are relative to `data.root`. --data_dir defaults to the
 config's `data.tfds_dir`; train with the same `data.tfds_dir`. Builds are keyed by dataset name
 (`<data_dir>/posebh_keypoints/<dataset>/1.0.0`) and store the dataset's own skeleton's keypoint
-count (`experiment.tfds_builds`), so a new skeleton, or a second dataset of one format, gets its
+count (`datasets.tfds_builds`), so a new skeleton, or a second dataset of one format, gets its
 own build; an unknown format, and a dataset named like a reference format ("coco", ...) with
 another format or keypoint count, are refused naming the dataset. An evaluation-only entry (no
 train_ann) and each `data.eval_datasets` entry (OCHuman) build their validation splits only;
@@ -51,7 +51,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from data_pipelines import annotation_info, readers, storage, tfds_builders
+from data_pipelines import annotation_info, datasets, readers, storage, tfds_builders
 from data_pipelines.coco_reader import AnnotationError, ReadReport
 from data_pipelines.skeletons import resolve_skeleton
 
@@ -144,21 +144,20 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
       a reference format's name with another format or count, generated synthetic data, no
       files); the message names it.
   """
-  from posebh_jax import experiment  # Imports the model code: only the --config mode needs it.
-  entries = experiment.dataset_entries(config)
-  generated = [experiment.is_generated(config, n, e)
+  entries = datasets.dataset_entries(config)
+  generated = [datasets.is_generated(config, n, e)
                for n, e in zip(config.data.dataset_names, entries)]
   if all(generated):
     raise ValueError("synthetic data is generated per workdir and read from its files; it has "
                      "no TFDS build")
-  tfds_builds = experiment.tfds_builds(config)
+  tfds_builds = datasets.tfds_builds(config)
   # Only the datasets that read files: generating the synthetic ones here would be wasted.
   sub = config
   if any(generated):
     sub = config.copy_and_resolve_references()
     with sub.unlocked():
       sub.data.synthetic.enabled = False
-  files = experiment.resolve_dataset_files(sub, workdir="")
+  files = datasets.dataset_files(sub, generated={})
   builds = []
   for f, tb, entry, gen in zip(files, tfds_builds, entries, generated):
     if gen:  # Generated per workdir; the training run reads its files.
@@ -180,10 +179,10 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
                                splits, tb.num_keypoints))
   # Evaluation-only entries predicted through another dataset's head (OCHuman): their val
   # splits, under their own names, so posebh-eval can read them from the same tfds_dir.
-  for name in config.data.get("eval_datasets", ()):
+  for name in config.data.eval_datasets:
     entry = config.data.datasets[name]
-    f = experiment.entry_files(config, name)
-    fmt = experiment.dataset_format(name, entry)
+    f = datasets.entry_files(config, name)
+    fmt = datasets.dataset_format(name, entry)
     if not f.val_ann:
       raise ValueError(f"data.datasets.{name}: an evaluation dataset needs val_ann")
     val_dir = f.split_image_dir("val")
@@ -192,7 +191,7 @@ def config_builds(config: ml_collections.ConfigDict) -> list[DatasetBuild]:
       splits["val_det"] = tfds_builders.SplitFiles(
           f.val_ann, storage.join_root(config.data.root, entry.val_det), image_dir=val_dir)
     builds.append(DatasetBuild(name, fmt, val_dir, splits,
-                               experiment.entry_skeleton(name, entry).num_keypoints))
+                               datasets.entry_skeleton(name, entry).num_keypoints))
   return builds
 
 
@@ -227,7 +226,7 @@ def main(argv: Sequence[str]) -> None:
     if given:
       raise app.UsageError(f"--config takes its datasets, crop size and padding from the "
                            f"config; drop {given} (override --config.data.* instead)")
-    data_dir = FLAGS.data_dir or config.data.get("tfds_dir", "")
+    data_dir = FLAGS.data_dir or config.data.tfds_dir
     if not data_dir:
       raise app.UsageError("--config: give --data_dir or set --config.data.tfds_dir")
     try:

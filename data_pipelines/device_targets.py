@@ -1,6 +1,6 @@
 """Gaussian heatmap targets generated on the accelerator from crop-space keypoints.
 
-The same targets as `transforms.msra_target` / `transforms.udp_target` (spec §4.4 step 7), but
+The same targets as `heatmap_codec.msra_target` / `heatmap_codec.udp_target` (spec §4.4 step 7), but
 for a whole batch inside a jitted function with static shapes: the input pipeline then ships
 `joints [B, K, 2]` and `joint_vis [B, K]` (a few hundred bytes per sample) instead of
 `target [B, K, H, W]` (1.6 MB per sample at K = 133, 64×48), and the targets cost the device a
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import transforms
+from data_pipelines import heatmap_codec
 
 # Joints farther than this many crop sizes outside the crop are clamped before rounding: their
 # windows are off the heatmap either way, and the clamp keeps every product in the exact
@@ -83,7 +83,7 @@ def _axis(num: int, den: int, stride64: float, image_extent: int, heatmap_extent
     if fractions.Fraction(float(x32)) != x:
       deltas.append(0)  # No float32 lies exactly on this half-way point.
       continue
-    # The reference's own arithmetic (transforms._target_windows): float32 / float64 + 0.5.
+    # The reference's own arithmetic (heatmap_codec._target_windows): float32 / float64 + 0.5.
     ref = int(np.trunc(np.float64(x32) / stride64 + 0.5))
     deltas.append(ref - n)
   return _Axis(a, b, stride64, clamp, lo, tuple(deltas))
@@ -131,7 +131,7 @@ def _axes(image_wh: tuple[int, int], heatmap_wh: tuple[int, int], tmp_size: int,
   out = []
   for img, hm in zip(image_wh, heatmap_wh):
     img, hm = int(img), int(hm)
-    # Strides exactly as transforms.udp_target / msra_target compute them (float64).
+    # Strides exactly as heatmap_codec.udp_target / msra_target compute them (float64).
     if udp:
       num, den, stride64 = img - 1, hm - 1, (np.float64(img) - 1.0) / (np.float64(hm) - 1.0)
     else:
@@ -300,7 +300,7 @@ def numpy_targets(joints: np.ndarray, joint_vis: np.ndarray, use_udp: Sequence[b
   Returns:
     target [B, K, H_hm, W_hm] and target_weight [B, K], float32.
   """
-  outs = [(transforms.udp_target if u else transforms.msra_target)(
+  outs = [(heatmap_codec.udp_target if u else heatmap_codec.msra_target)(
       j, v, spec.image_size_wh, spec.heatmap_size_wh, sigma=spec.sigma)
           for j, v, u in zip(joints, joint_vis, use_udp)]
   return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])

@@ -45,14 +45,15 @@ import grain
 from absl import flags
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from data_pipelines import coco_reader, image_files
+from data_pipelines import coco_reader, heatmap_codec, image_files
 from data_pipelines import transforms
 from data_pipelines.skeletons import SkeletonLayout
-from posebh_jax.train import sharding
-
 ENCODINGS = ("udp", "msra")
+
+# The mesh axes the batch is split over (`posebh_jax.train.sharding.make_mesh` builds them).
+BATCH_AXES = ("data", "fsdp")
 
 
 # One error type and one read-then-decode path for every caller (see `image_files`).
@@ -216,7 +217,7 @@ class TopDownTrainTransform(grain.transforms.RandomMap):
     out = dict(skeleton_mask=self._mask[d], dataset_index=np.int32(d))
     if cfg.host_targets:
       out["image"] = _normalize_bgr_crop(crop_bgr)
-      make_target = transforms.udp_target if cfg.use_udp(d) else transforms.msra_target
+      make_target = heatmap_codec.udp_target if cfg.use_udp(d) else heatmap_codec.msra_target
       out["target"], out["target_weight"] = make_target(
           joints, vis, cfg.image_size_wh, cfg.heatmap_size_wh, sigma=cfg.sigma,
           num_channels=k_max)
@@ -413,26 +414,36 @@ def mixed_train_dataset(
 
 def make_iterator(dataset: grain.MapDataset, *, num_workers: int = 0, prefetch: int = 2
                   ) -> grain.DatasetIterator:
-  """An iterator whose `get_state()`/`set_state()` the checkpoint manager saves and restores."""
+  """An iterator whose `get_state()`/`set_state()` the checkpoint manager saves and restores.
+
+  Raises:
+    RuntimeError: `num_workers > 0` before absl's flags are parsed. grain's worker processes read
+      its absl flags, and parsing them is the application's business (the CLIs run under
+      `absl.app.run`; a notebook or test calls `absl.flags.FLAGS.mark_as_parsed()` first).
+  """
   it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch))
   if num_workers > 0:
-    # grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks) they
-    # are not parsed yet: take the defaults.
     if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+      raise RuntimeError(
+          f"data.num_workers={num_workers}: grain's worker processes read absl flags, which are "
+          "not parsed in this process; run under absl.app.run (posebh-train) or call "
+          "absl.flags.FLAGS.mark_as_parsed() first (or use data.num_workers=0)")
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """The one batch sharding, for placement and compute: the leading (batch) axis split over
-  every device of the mesh (`data` × `fsdp`, `sharding.BATCH_AXES`), the rest replicated.
+  every device of the mesh (`data` × `fsdp`, `BATCH_AXES`; a plain ('data',) mesh works too), the
+  rest replicated. Used both to place the batch (`to_global_batch`, `host_batch_rows`) and to
+  compute on it (`posebh_jax.train.step.make_train_step`), so every row a host feeds reaches the
+  loss exactly once.
 
   Placing with the axes the step computes with matters: placed on `data` alone, a `data=1`
   mesh would take one host's rows as the whole global batch (rows of the other hosts lost), and
   within one host each device would receive `fsdp`× the rows it computes on.
   """
-  return sharding.batch_sharding(mesh)
+  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def host_batch_rows(global_batch_size: int, mesh: jax.sharding.Mesh) -> list[int]:

@@ -1,4 +1,5 @@
-"""Top-down pose transforms and heatmap target encoders, numerically matching mmpose 0.x.
+"""Top-down pose transforms, numerically matching mmpose 0.x (the heatmap encoders and decoders are
+`heatmap_codec`).
 
 Pure numpy / OpenCV functions used by the grain input pipeline (spec §4.3–§4.5) and by decoding
 (spec §5.3 step 4). They reproduce the reference (PoseBH = mmpose 0.x / ViTPose fork) including
@@ -30,6 +31,8 @@ from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
+
+from data_pipelines import heatmap_codec
 
 # ImageNet statistics used by mmpose's NormalizeTensor (float32, as torch uses them).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -301,12 +304,6 @@ def affine_points(points_xy: np.ndarray, trans: np.ndarray) -> np.ndarray:
   return homo @ np.asarray(trans).T
 
 
-def _vis_vector(joints_vis: np.ndarray) -> np.ndarray:
-  """[K] or mmpose-style [K, 3] visibility → [K] (column 0)."""
-  joints_vis = np.asarray(joints_vis)
-  return joints_vis[:, 0] if joints_vis.ndim == 2 else joints_vis
-
-
 def top_down_affine(image: np.ndarray, joints: np.ndarray, joints_vis: np.ndarray,
                     center: ArrayLike, scale: ArrayLike, rot: float, image_size_wh: ArrayLike,
                     use_udp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -335,41 +332,9 @@ def top_down_affine(image: np.ndarray, joints: np.ndarray, joints_vis: np.ndarra
     out = affine_points(xy, trans).astype(np.float32)
   else:
     out = xy.copy()
-    vis = _vis_vector(joints_vis) > 0.0
+    vis = heatmap_codec.vis_vector(joints_vis) > 0.0
     out[vis] = affine_points(xy[vis], trans).astype(np.float32)
   return crop, out, trans
-
-
-def transform_preds(coords: np.ndarray, center: ArrayLike, scale: ArrayLike,
-                    heatmap_size_wh: ArrayLike, use_udp: bool) -> np.ndarray:
-  """Heatmap pixels → image pixels (mmpose `transform_preds`, spec §5.3 step 4).
-
-  `s = 200·scale`; UDP: `x = x_hm · s_x / (W_hm − 1) + c_x − s_x/2`; standard:
-  `x = x_hm · s_x / W_hm + c_x − s_x/2` (same for y with H_hm). Valid for rotation 0 only.
-
-  Args:
-    coords: [K, 2] heatmap coordinates (x, y); further columns, if any, come back as 1 like
-      the reference's `ones_like`.
-    center: [2] box centre (x, y) in image pixels.
-    scale: [2] box (w, h) in units of 200 px.
-    heatmap_size_wh: [2] heatmap (width, height), e.g. (48, 64).
-    use_udp: UDP or standard mapping.
-
-  Returns:
-    [K, 2] (or the input's column count) image coordinates, dtype of `coords`.
-  """
-  coords = np.asarray(coords)
-  scale = np.asarray(scale) * 200.0
-  if use_udp:
-    scale_x = scale[0] / (heatmap_size_wh[0] - 1.0)
-    scale_y = scale[1] / (heatmap_size_wh[1] - 1.0)
-  else:
-    scale_x = scale[0] / heatmap_size_wh[0]
-    scale_y = scale[1] / heatmap_size_wh[1]
-  target = np.ones_like(coords)
-  target[:, 0] = coords[:, 0] * scale_x + center[0] - scale[0] * 0.5
-  target[:, 1] = coords[:, 1] * scale_y + center[1] - scale[1] * 0.5
-  return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +382,7 @@ def random_flip(image: np.ndarray, joints_xy: np.ndarray, joints_vis: np.ndarray
   if vis.shape == joints.shape:  # mmpose [K, 3] × [K, 3].
     joints = joints * vis
   else:
-    joints = joints * _vis_vector(vis)[:, None]
+    joints = joints * heatmap_codec.vis_vector(vis)[:, None]
   joints = joints.astype(in_dtype, copy=False)
   center[0] = width - center[0] - 1
   return image, joints, vis, center, True
@@ -456,7 +421,7 @@ def half_body_center_scale(joints_xy: np.ndarray,
     (center [2] float32, scale [2] float32), or None when the transform is not applied (the
     caller keeps its centre and scale).
   """
-  vis = _vis_vector(joints_vis)
+  vis = heatmap_codec.vis_vector(joints_vis)
   if not (np.sum(vis) > num_joints_half_body and rng.random() < prob_half_body):
     return None
   joints = np.asarray(joints_xy, dtype=np.float32)[:, :2]
@@ -532,196 +497,3 @@ def normalize_image(crop_uint8: np.ndarray) -> np.ndarray:
   """
   x = crop_uint8.astype(np.float32) / np.float32(255)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
-
-
-# ----------------------------------------------------------------------------------------------
-# Heatmap targets (spec §4.4 step 7)
-# ----------------------------------------------------------------------------------------------
-
-
-def _target_windows(joints_xy: np.ndarray, joints_vis: np.ndarray, stride: np.ndarray,
-                    heatmap_size_wh: ArrayLike, sigma: float
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-  """Shared bounds logic of both encoders.
-
-  Returns:
-    xy [K, 2] float32 joints; mu [K, 2] float64 integer-valued centres
-    (`trunc(x / stride + 0.5)`); ul [K, 2] int64 window corner (clipped for indexing);
-    weight [K] float32; window size S.
-  """
-  tmp_size = sigma * 3
-  if tmp_size != int(tmp_size):
-    # The reference's patch size and [ul, br) window only agree when 3σ is an integer.
-    raise ValueError(f"3·sigma must be an integer, got sigma={sigma}")
-  tmp_size = int(tmp_size)
-  w_hm, h_hm = int(heatmap_size_wh[0]), int(heatmap_size_wh[1])
-  xy = np.asarray(joints_xy, dtype=np.float32)[:, :2]  # mmpose joints are float32.
-  weight = _vis_vector(joints_vis).astype(np.float32)
-  with np.errstate(invalid="ignore"):
-    # float32 / float64 → float64, then Python int() = truncation toward zero.
-    mu = np.trunc(xy / stride + 0.5)
-  ul = mu - tmp_size
-  br = mu + tmp_size + 1
-  # Non-finite joints would make the reference raise in int(); we drop them instead.
-  out = ~np.isfinite(mu).all(axis=1)
-  with np.errstate(invalid="ignore"):
-    out |= (ul[:, 0] >= w_hm) | (ul[:, 1] >= h_hm) | (br[:, 0] < 0) | (br[:, 1] < 0)
-  weight[out] = 0
-  size = 2 * tmp_size + 1
-  # Clipping cannot change any pasted window (those have ul in [−size, max(W, H))) and keeps
-  # the integer index arithmetic safe for far-away joints.
-  lim = max(w_hm, h_hm) + size
-  ul_idx = np.clip(np.nan_to_num(ul, nan=-lim), -lim, lim).astype(np.int64)
-  return xy, mu, ul_idx, weight, size
-
-
-def _paste(patches: np.ndarray, ul: np.ndarray, paste: np.ndarray,
-           heatmap_size_wh: ArrayLike, num_channels: int | None = None) -> np.ndarray:
-  """Pastes per-joint S×S patches at `ul`, clipped to the heatmap, in one scatter.
-
-  Equivalent to the reference's per-joint slice assignment
-  `target[k, max(0, ul_y):min(br_y, H), max(0, ul_x):min(br_x, W)] = g[…]` but touches only
-  K·S² elements (cheaper than a gather over all K·H·W pixels or a Python loop).
-
-  Args:
-    patches: [K, S, S] (or broadcastable) patch values, rows = y.
-    ul: [K, 2] int64 upper-left corners (x, y) in heatmap pixels.
-    paste: [K] bool, joints to draw.
-    heatmap_size_wh: [2] heatmap (width, height).
-    num_channels: allocate this many channels (≥ K; the ones past K stay zero), None = K.
-
-  Returns:
-    [num_channels or K, H, W] float32 heatmaps.
-  """
-  w_hm, h_hm = int(heatmap_size_wh[0]), int(heatmap_size_wh[1])
-  k, size = ul.shape[0], patches.shape[-1]
-  target = np.zeros((_channels(k, num_channels), h_hm, w_hm), dtype=np.float32)
-  offs = np.arange(size)
-  xs = ul[:, 0:1] + offs  # [K, S]
-  ys = ul[:, 1:2] + offs
-  valid = (((ys >= 0) & (ys < h_hm))[:, :, None] & ((xs >= 0) & (xs < w_hm))[:, None, :] &
-           paste[:, None, None])
-  flat = (np.arange(k)[:, None, None] * h_hm + ys[:, :, None]) * w_hm + xs[:, None, :]
-  target.reshape(-1)[flat[valid]] = np.broadcast_to(patches, valid.shape)[valid]
-  return target
-
-
-def msra_target(joints_xy: np.ndarray,
-                joints_vis: np.ndarray,
-                image_size_wh: ArrayLike,
-                heatmap_size_wh: ArrayLike,
-                sigma: float = 2.,
-                joint_weights: np.ndarray | None = None,
-                num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """MSRA Gaussian targets (`_msra_generate_target`, unbiased_encoding=False; spec §4.4 step 7).
-
-  stride = image_size / heatmap_size; `mu = int(x / stride + 0.5)` (truncation toward zero);
-  window `[mu − 3σ, mu + 3σ + 1)`; weight = visibility, zeroed if the window misses the heatmap
-  entirely; for weight > 0.5 the integer-centred (2·3σ+1)² patch `exp(−(dx² + dy²)/(2σ²))`
-  (peak exactly 1) is pasted, clipped to the heatmap — a window can be non-empty by the bounds
-  test yet have no pixel inside (weight 1, all-zero heatmap), as in the reference.
-
-  Args:
-    joints_xy: [K, 2] or mmpose-style [K, 3] joints in crop pixels.
-    joints_vis: [K] or [K, 3] visibility (0/1).
-    image_size_wh: [2] crop (width, height), e.g. (192, 256).
-    heatmap_size_wh: [2] heatmap (width, height), e.g. (48, 64).
-    sigma: Gaussian std in heatmap pixels (3σ must be an integer).
-    joint_weights: optional [K] or [K, 1] per-joint weights multiplied into the weight
-      (`use_different_joint_weights=True`; PoseBH never sets it).
-    num_channels: pad target and weight with zeros to this many channels (the 133-channel
-      batch layout; written in place, no copy as `pad_keypoints` makes), None = K.
-
-  Returns:
-    target [K, H, W] float32 and weight [K] float32 (K → num_channels if given).
-  """
-  stride = np.asarray(image_size_wh) / np.asarray(heatmap_size_wh, dtype=np.float64)
-  _, _, ul, weight, size = _target_windows(joints_xy, joints_vis, stride, heatmap_size_wh, sigma)
-  # The single patch is built with the reference's float32 arithmetic, so values copy bitwise.
-  x = np.arange(0, size, 1, np.float32)
-  y = x[:, None]
-  x0 = y0 = size // 2
-  g = np.exp(-((x - x0)**2 + (y - y0)**2) / (2 * sigma**2)).astype(np.float32)
-  target = _paste(g[None], ul, weight > 0.5, heatmap_size_wh, num_channels)
-  return target, _pad_weight(_apply_joint_weights(weight, joint_weights), num_channels)
-
-
-def udp_target(joints_xy: np.ndarray,
-               joints_vis: np.ndarray,
-               image_size_wh: ArrayLike,
-               heatmap_size_wh: ArrayLike,
-               sigma: float = 2.,
-               joint_weights: np.ndarray | None = None,
-               num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """UDP Gaussian targets (`_udp_generate_target`, GaussianHeatmap; spec §4.4 step 7).
-
-  stride = (image_size − 1) / (heatmap_size − 1); same truncation, window and bounds test as
-  MSRA, but the patch is centred at the sub-pixel position:
-  `exp(−((i − x0)² + (j − y0)²)/(2σ²))`, `x0 = 3σ + (x/stride_x − mu_x)` (float64 under numpy 2,
-  cast to float32 when pasted, like the reference).
-
-  Args:
-    joints_xy: [K, 2] or mmpose-style [K, 3] joints in crop pixels.
-    joints_vis: [K] or [K, 3] visibility (0/1).
-    image_size_wh: [2] crop (width, height), e.g. (192, 256).
-    heatmap_size_wh: [2] heatmap (width, height), e.g. (48, 64).
-    sigma: Gaussian std in heatmap pixels (3σ must be an integer).
-    joint_weights: optional [K] or [K, 1] per-joint weights multiplied into the weight.
-    num_channels: pad target and weight with zeros to this many channels, None = K.
-
-  Returns:
-    target [K, H, W] float32 and weight [K] float32 (K → num_channels if given).
-  """
-  stride = ((np.asarray(image_size_wh) - 1.0) /
-            (np.asarray(heatmap_size_wh, dtype=np.float64) - 1.0))
-  xy, mu, ul, weight, size = _target_windows(joints_xy, joints_vis, stride, heatmap_size_wh,
-                                             sigma)
-  with np.errstate(invalid="ignore"):
-    centre = size // 2 + (xy / stride - mu)  # [K, 2] float64 sub-pixel patch centre.
-  ar = np.arange(0, size, 1, np.float32)
-  dx2 = (ar[None, None, :] - centre[:, 0, None, None])**2  # [K, 1, S]
-  dy2 = (ar[None, :, None] - centre[:, 1, None, None])**2  # [K, S, 1]
-  with np.errstate(invalid="ignore"):
-    g = np.exp(-(dx2 + dy2) / (2 * sigma**2))  # [K, S, S] float64
-  target = _paste(g, ul, weight > 0.5, heatmap_size_wh, num_channels)
-  return target, _pad_weight(_apply_joint_weights(weight, joint_weights), num_channels)
-
-
-def _channels(k: int, num_channels: int | None) -> int:
-  if num_channels is None:
-    return k
-  if num_channels < k:
-    raise ValueError(f"num_channels={num_channels} < K={k}")
-  return int(num_channels)
-
-
-def _pad_weight(weight: np.ndarray, num_channels: int | None) -> np.ndarray:
-  out = np.zeros((_channels(len(weight), num_channels),), weight.dtype)
-  out[:len(weight)] = weight
-  return out
-
-
-def _apply_joint_weights(weight: np.ndarray, joint_weights: np.ndarray | None) -> np.ndarray:
-  if joint_weights is None:
-    return weight
-  return (weight * np.asarray(joint_weights, dtype=np.float32).reshape(-1)).astype(np.float32)
-
-
-def pad_keypoints(target: np.ndarray, weight: np.ndarray,
-                  max_k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Appends zero channels up to `max_k` (the reference's `max_num_joints` = 133 padding).
-
-  Args:
-    target: [K, H, W] heatmaps.
-    weight: [K] or [K, 1] weights.
-    max_k: total number of channels after padding (≥ K).
-
-  Returns:
-    target [max_k, H, W] and weight [max_k] (or [max_k, 1]), same dtypes.
-  """
-  k = target.shape[0]
-  if max_k < k:
-    raise ValueError(f"max_k={max_k} < K={k}")
-  target = np.concatenate([target, np.zeros((max_k - k,) + target.shape[1:], target.dtype)])
-  weight = np.concatenate([weight, np.zeros((max_k - k,) + weight.shape[1:], weight.dtype)])
-  return target, weight

@@ -117,7 +117,7 @@ def check_eval_datasets(config: ml_collections.ConfigDict, *, read_files: bool =
   """Each `data.eval_datasets` entry exists, names a model dataset in `predict_with` and has
   that dataset's keypoint count (in its skeleton and its annotation files)."""
   names = tuple(config.data.dataset_names)
-  for name in config.data.get("eval_datasets", ()):
+  for name in config.data.eval_datasets:
     field = f"data.datasets.{name}"
     if name not in config.data.datasets:
       raise ConfigError(f"data.eval_datasets has {name!r} but data.datasets has no entry for it")

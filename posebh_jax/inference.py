@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import image_files, pipeline, storage, transforms
+from data_pipelines import datasets, image_files, pipeline, storage, transforms
 from posebh_jax import experiment
 from posebh_jax.evaluation import predict as predict_lib
 
@@ -50,8 +50,8 @@ def skeleton_index(config: ml_collections.ConfigDict, name: str) -> int:
   names = tuple(config.data.dataset_names)
   if name in names:
     return names.index(name)
-  for d, (n, entry) in enumerate(zip(names, experiment.dataset_entries(config))):
-    if experiment.entry_skeleton(n, entry).name == name:
+  for d, (n, entry) in enumerate(zip(names, datasets.dataset_entries(config))):
+    if datasets.entry_skeleton(n, entry).name == name:
       return d
   raise UnknownSkeletonError(f"unknown skeleton {name!r}; this model predicts {list(names)}")
 
@@ -142,9 +142,9 @@ class Predictor:
                prototypes: jax.Array | None = None, *, batch_size: int = 8,
                flip_test: bool = True, mesh: Mesh | None = None):
     self.config = config
-    self.layout = experiment.build_layout(config)
+    self.layout = datasets.build_layout(config)
     self.model = experiment.build_model(config, self.layout)
-    self.td_cfg = experiment.topdown_config(config, self.layout)
+    self.td_cfg = datasets.topdown_config(config, self.layout)
     self.dataset_names = tuple(config.data.dataset_names)
     self.params, self.batch_stats, self.prototypes = params, batch_stats, prototypes
     self.core = predict_lib.TopDownPredictor(self.model, self.td_cfg, batch_size=batch_size,
@@ -169,7 +169,7 @@ class Predictor:
     from posebh_jax.convert import weights as weights_lib
     from posebh_jax.train import sharding as sharding_lib
 
-    layout = experiment.build_layout(config)
+    layout = datasets.build_layout(config)
     model = experiment.build_model(config, layout)
     mesh = kwargs.get("mesh")
     placement = sharding_lib.replicated(mesh) if mesh is not None else None
@@ -199,9 +199,9 @@ class Predictor:
       seed: initialisation seed.
       **kwargs: `Predictor` options (batch_size, flip_test, mesh).
     """
-    from posebh_jax import prototypes as proto_lib
+    from posebh_jax.objective import prototypes as proto_lib
 
-    layout = experiment.build_layout(config)
+    layout = datasets.build_layout(config)
     model = experiment.build_model(config, layout)
     params_rng, drop_rng, proto_rng = jax.random.split(jax.random.key(seed), 3)
     h, w = config.data.image_size
@@ -312,25 +312,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: in
     FileNotFoundError: no checkpoints, or no checkpoint `step`.
     CheckpointMismatchError: the checkpoint belongs to another model or dataset mix.
   """
-  from posebh_jax.train import checkpoint as checkpoint_lib
-  from posebh_jax.train import loop
-  from posebh_jax.train import sharding as sharding_lib
+  from posebh_jax.train import restore
 
-  if not storage.is_dir(storage.join(storage.absolute(workdir), "checkpoints")):
-    raise FileNotFoundError(f"no checkpoints in {workdir}")  # Before orbax creates the dir.
-  layout = experiment.build_layout(config)
-  model = experiment.build_model(config, layout)
-  if mesh is None:  # One device: what an interactive session wants.
-    mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(dict(data=1)), jax.devices()[:1])
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    steps = ckpt.all_steps()
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory} "
-                              f"(have {steps})")
-    _, abstract, _, _ = loop.abstract_train_state(config, model, layout, mesh)
-    state = ckpt.restore(step, abstract, None, experiment.checkpoint_meta(config, layout))
-  finally:
-    ckpt.close()
+  state, _ = restore.restore_state(config, workdir, step, mesh)
   return state.params, state.batch_stats, state.prototypes

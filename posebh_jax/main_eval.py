@@ -56,7 +56,7 @@ def main(argv) -> None:
   from posebh_jax import config_checks
   from posebh_jax.evaluation import evaluate
   from posebh_jax.evaluation.benchmark import EvalSelectionError
-  from posebh_jax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+  from posebh_jax.errors import CheckpointDamagedError, CheckpointMismatchError
   selection = dict(datasets=_DATASETS.value, boxes=_BOXES.value, out_dir=_OUT.value)
   try:
     config_checks.check_config(_CONFIG.value)

@@ -67,7 +67,7 @@ def main(argv) -> None:
   from posebh_jax.image_inference import (BoxesFileError, ImagesError, discover_images,
                                          infer_images, load_boxes)
   from posebh_jax.inference import Predictor, UnknownSkeletonError, skeleton_index
-  from posebh_jax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError
+  from posebh_jax.errors import CheckpointDamagedError, CheckpointMismatchError
 
   from posebh_jax import config_checks
   config = _CONFIG.value

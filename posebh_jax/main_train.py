@@ -35,13 +35,14 @@ def main(argv) -> None:
     sys.exit(f"posebh-train: {e}")
   # (Random bits independent of partitioning, jax_threefry_partitionable, are jax 0.10's default.)
   from data_pipelines.coco_reader import AnnotationError
-  from posebh_jax.train import checkpoint, distributed, loop
+  from posebh_jax.errors import CheckpointDamagedError, CheckpointMismatchError
+  from posebh_jax.train import distributed, loop
   if _DISTRIBUTED.value or config.distributed.enabled:
     distributed.initialize_distributed(config.distributed)
   try:
     loop.train_and_evaluate(config, _WORKDIR.value)
   except (loop.NonFiniteLossError, loop.TooManyBadImagesError, config_checks.ConfigError,
-          checkpoint.CheckpointMismatchError, checkpoint.CheckpointDamagedError,
+          CheckpointMismatchError, CheckpointDamagedError,
           AnnotationError) as e:
     # The diagnosis is the message (which terms or fields, last good checkpoint, which damaged
     # checkpoints and why, which annotation file and record); no traceback needed.

@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import config_checks, experiment
 from posebh_jax.models import heads
 from posebh_jax.train import loop, sharding, step as step_lib
@@ -121,7 +121,7 @@ def _step_result(mesh_data, bn_groups):
   cfg = synthetic.get_config("tiny")
   cfg.model.bn_groups = bn_groups
   cfg.mesh.data, cfg.mesh.fsdp = mesh_data, 1
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   model = experiment.build_model(cfg, layout)
   assert model.bn_groups == bn_groups  # The config reaches the model.
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:mesh_data])

@@ -27,9 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import synthetic
 from conftest import cli_env, tiny_train_args
 from faultcheck import changed, snapshot
-from posebh_jax import experiment
 from posebh_jax.train import checkpoint as checkpoint_lib
-from posebh_jax.train import loop
+from posebh_jax.train import restore
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 10  # Checkpoints at 2, 4, 6, 8, 10 (all kept).
@@ -55,17 +54,8 @@ def _config(data_root):
 
 
 def _restore(workdir, data_root, step):
-  cfg = _config(data_root)
-  layout = experiment.build_layout(cfg)
-  model = experiment.build_model(cfg, layout)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  _, abstract, _, _ = loop.abstract_train_state(cfg, model, layout, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    return jax.device_get(ckpt.restore(step, abstract, None,
-                                       experiment.checkpoint_meta(cfg, layout)))
-  finally:
-    ckpt.close()
+  return jax.device_get(restore.restore_state(_config(data_root), workdir, step, mesh)[0])
 
 
 @pytest.fixture(scope="module")

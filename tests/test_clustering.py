@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import load_golden
-from posebh_jax import clustering
+from posebh_jax.objective import clustering
 
 
 def _normalize(x):
@@ -115,25 +115,6 @@ def test_jit_and_8_device_mesh_match_one_device():
     ref64 = clustering.cluster_prototypes(protos, 16, iterations=200, float64=True)
     for field in ("prototypes", "closest_keypoint", "assign", "centres"):
       np.testing.assert_array_equal(getattr(f64, field), getattr(ref64, field))
-
-
-def test_select_num_clusters_on_golden_returns_a_valid_option():
-  # Which option wins is round-off (spec §6.9, README "fragility"): never compared exactly.
-  g = load_golden("cps.npz")
-  chosen, errors = clustering.select_num_clusters(g["proto"], (64, 96, 128), iterations=100)
-  assert chosen in (64, 96, 128)
-  assert sorted(errors) == [64, 96, 128]
-  assert errors[chosen] == min(errors.values())
-  assert all(0.0 <= e < 1e-6 for e in errors.values())
-
-
-def test_select_num_clusters_skips_options_not_below_j():
-  protos = np.random.RandomState(5).randn(20, 3, 8).astype(np.float32)
-  chosen, errors = clustering.select_num_clusters(protos, (8, 12, 20, 30), iterations=50)
-  assert sorted(errors) == [8, 12] and chosen in (8, 12)
-  assert all(e < 1e-6 for e in errors.values())  # C >= E: exact reconstruction up to round-off.
-  with pytest.raises(ValueError, match="no cluster option"):
-    clustering.select_num_clusters(protos, (20, 30))
 
 
 @pytest.mark.parametrize("compat_topk", [False, True])

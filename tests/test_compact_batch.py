@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from data_pipelines import device_targets, pipeline
+from data_pipelines import datasets, device_targets, pipeline
 from data_pipelines.skeletons import SkeletonLayout, get_skeleton
 from posebh_jax import experiment
 from posebh_jax.train import loop, sharding, step as step_lib
@@ -20,14 +20,14 @@ def setup(tmp_path_factory):
   cfg = synthetic.get_config("tiny")
   cfg.data.root = str(tmp_path_factory.mktemp("synthetic"))
   cfg.mesh.data = 8
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   files = experiment.resolve_dataset_files(cfg, "")
-  records, _ = experiment.load_records(cfg, layout, files, "train")
+  records, _ = datasets.load_records(cfg, layout, files, "train")
   return cfg, layout, records
 
 
 def _batches(cfg, layout, records, host_targets, n):
-  td = dataclasses.replace(experiment.topdown_config(cfg, layout), host_targets=host_targets)
+  td = dataclasses.replace(datasets.topdown_config(cfg, layout), host_targets=host_targets)
   ds = pipeline.mixed_train_dataset(records, None, td, batch_size=cfg.train.batch_size,
                                     seed=cfg.seed)
   return td, [ds[i] for i in range(n)]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from configs import posebh, synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.train import schedule
 
 
@@ -32,8 +32,7 @@ def test_one_place_for_every_switch_and_reference_turns_on_all():
   for f in fields:
     c.reference_compat[f] = True
   assert ReferenceCompat.from_mapping(c.reference_compat) == ref
-  assert schedule.schedule_compat(c) is True  # 6.8 acts on the schedule ...
-  assert schedule.step_compat(c).frozen_train_mode is True  # ... the others on the step.
+  assert schedule.reference_compat(c) == ref  # The one reading of the config section.
   with pytest.raises(ValueError, match="unknown reference_compat flags"):
     ReferenceCompat.from_mapping({"frozen_train_mod": True})
 
@@ -43,7 +42,7 @@ def test_a_frozen_backbone_drops_no_paths():
   # gives the same features whatever the DropPath random bits; a training one does not.
   cfg = synthetic.get_config("tiny")
   cfg.model.drop_path_rate = 0.5
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   model = experiment.build_model(cfg, layout)
   h, w = cfg.data.image_size
   images = jax.random.normal(jax.random.key(0), (2, h, w, 3))
@@ -63,16 +62,16 @@ def test_center_jitter_is_drawn_per_example_unless_at_build(tmp_path):
   # example (so each epoch sees another shift); reference: drawn once when reading, then fixed.
   cfg = synthetic.get_config("tiny")
   cfg.data.root = str(tmp_path / "data")
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   files = experiment.resolve_dataset_files(cfg, str(tmp_path))
-  clean, _ = experiment.load_records(cfg, layout, files, "train")
+  clean, _ = datasets.load_records(cfg, layout, files, "train")
   cfg.data.center_jitter = True
-  per_epoch, _ = experiment.load_records(cfg, layout, files, "train")
-  td = experiment.topdown_config(cfg, layout)
+  per_epoch, _ = datasets.load_records(cfg, layout, files, "train")
+  td = datasets.topdown_config(cfg, layout)
   assert td.center_jitter == (True, True, True)
   cfg.reference_compat.center_jitter_at_build = True
-  at_build, _ = experiment.load_records(cfg, layout, files, "train")
-  assert experiment.topdown_config(cfg, layout).center_jitter == ()
+  at_build, _ = datasets.load_records(cfg, layout, files, "train")
+  assert datasets.topdown_config(cfg, layout).center_jitter == ()
   centers = lambda recs: np.array([r["center"] for d in recs for r in d])
   np.testing.assert_array_equal(centers(per_epoch), centers(clean))
   moved = np.any(centers(at_build) != centers(clean), axis=1)

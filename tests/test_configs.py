@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs import posebh, synthetic
+from data_pipelines import datasets
 from posebh_jax import experiment
 from posebh_jax.train import loop
 
@@ -17,7 +18,7 @@ def test_posebh_sizes_and_layout(arg, dim, depth, heads, part):
   m = c.model
   assert (m.embed_dim, m.depth, m.num_heads, m.part_features) == (dim, depth, heads, part)
   assert m.embed_dim % m.num_heads == 0
-  layout = experiment.build_layout(c)
+  layout = datasets.build_layout(c)
   assert layout.num_keypoints == (17, 14, 16, 17, 17, 133) and layout.total_keypoints == 214
   assert m.use_proto_head == (not arg.startswith("vitpose"))
   stage = c.schedule.cps_start_step
@@ -31,7 +32,7 @@ def test_posebh_b_parameter_count_matches_the_reference_manifest():
   # 150,927,702 elements in the reference state_dict (BN running stats and prototype tables
   # included, num_batches_tracked excluded).
   c = posebh.get_config("b")
-  layout = experiment.build_layout(c)
+  layout = datasets.build_layout(c)
   model = experiment.build_model(c, layout)
   shapes = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0), "droppath": jax.random.key(1)},
@@ -43,7 +44,7 @@ def test_posebh_b_parameter_count_matches_the_reference_manifest():
 
 def test_stage_configs_follow_the_schedule():
   c = synthetic.get_config()
-  layout = experiment.build_layout(c)
+  layout = datasets.build_layout(c)
   base = loop.step_config(c, layout)
   s0, s1 = loop.stage_config(c, base, 599), loop.stage_config(c, base, 600)
   assert (s0.update_prototypes, s0.cps, s0.css) == (True, False, False)
@@ -56,7 +57,7 @@ def test_stage_configs_follow_the_schedule():
 def test_compat_flags_reach_the_step():
   c = synthetic.get_config("tiny")
   c.reference_compat.proto_logit_offset = True
-  cfg = loop.step_config(c, experiment.build_layout(c))
+  cfg = loop.step_config(c, datasets.build_layout(c))
   assert cfg.compat.proto_logit_offset and not cfg.compat.css_peak_distance
 
 
@@ -70,7 +71,7 @@ def test_too_many_clusters_fail_before_training():
   c = synthetic.get_config("tiny")
   c.model.proto.num_clusters = 48  # = J: the reference skips C >= J.
   with pytest.raises(ValueError, match="num_clusters"):
-    loop.validate_config(c, experiment.build_layout(c))
+    loop.validate_config(c, datasets.build_layout(c))
 
 
 def test_synthetic_posebh_b_is_the_b_recipe_compressed_on_synthetic_data():
@@ -83,8 +84,8 @@ def test_synthetic_posebh_b_is_the_b_recipe_compressed_on_synthetic_data():
   assert tuple(c.data.image_size) == (256, 192) and c.train.layer_decay == 0.75
   assert c.train.num_steps == 12 and tuple(c.train.decay_steps) == (6, 10)
   assert c.schedule.cps_start_step == c.schedule.css_start_step == 6
-  assert tuple(c.schedule.freeze_hooks.backbone) == ("freeze,0", "freeze,6", "thaw,10")
-  assert tuple(c.schedule.freeze_hooks.heads) == ("freeze,0", "thaw,6")
+  assert tuple(c.schedule.freeze_hooks.backbone) == (("freeze", 0), ("freeze", 6), ("thaw", 10))
+  assert tuple(c.schedule.freeze_hooks.heads) == (("freeze", 0), ("thaw", 6))
   base = synthetic.get_config("posebh_b,baseline")
   assert not base.model.use_proto_head and base.schedule.cps_start_step == -1
   short = synthetic.get_config("steps=30")

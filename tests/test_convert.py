@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import load_golden, shared_path
+from configs import posebh as posebh_configs
+from data_pipelines import datasets
+from posebh_jax import experiment
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import (check_state_dict_shapes, convert_state_dict,
                                               expected_variables)
-from posebh_jax.models import ViTMoEConfig, tiny_reference_model, vitb_posebh, vith_posebh
+from posebh_jax.models import ViTMoEConfig, tiny_reference_model
 
 @pytest.fixture(scope="module")
 def golden() -> Path:
@@ -280,15 +283,21 @@ def _manifest_shapes(path: Path) -> dict[str, list[int]]:
   return {e["key"]: e["shape"] for e in manifest["state_dict"]}
 
 
-@pytest.mark.parametrize("name,make_model", [("manifest_vitb_posebh.json", vitb_posebh),
-                                             ("manifest_vith_posebh.json", vith_posebh)])
-def test_full_size_manifest_maps_completely(golden, name, make_model):
+def _config_model(arg):
+  """The model `configs/posebh.py:<arg>` trains (PoseBH-B or -H)."""
+  config = posebh_configs.get_config(arg)
+  return experiment.build_model(config, datasets.build_layout(config))
+
+
+@pytest.mark.parametrize("name,arg", [("manifest_vitb_posebh.json", "b"),
+                                      ("manifest_vith_posebh.json", "h")])
+def test_full_size_manifest_maps_completely(golden, name, arg):
   """Every key of the full-size checkpoint layout lands on a param of matching shape.
 
   Uses jax.eval_shape only: ViT-H is never materialised.
   """
   shapes = _manifest_shapes(golden / name)
-  model = make_model()
+  model = _config_model(arg)
   check_state_dict_shapes(shapes, model)  # Raises listing any unknown / mis-shaped / missing key.
   params = _flatten(expected_variables(model)["params"])
   n_params = sum(int(np.prod(s.shape)) for s in params.values())
@@ -298,9 +307,9 @@ def test_full_size_manifest_maps_completely(golden, name, make_model):
   assert n_params == n_torch
 
 
-def test_manifest_models_match_spec_sizes():
-  assert vitb_posebh().backbone == ViTMoEConfig()
-  h = vith_posebh().backbone
+def test_config_models_match_spec_sizes():
+  assert _config_model("b").backbone == ViTMoEConfig()
+  h = _config_model("h").backbone
   assert (h.embed_dim, h.depth, h.num_heads, h.part_features) == (1280, 32, 16, 320)
 
 

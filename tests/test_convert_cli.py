@@ -19,13 +19,14 @@ import pytest
 
 from conftest import REPO, load_golden, shared_path
 from configs import posebh as posebh_configs
+from data_pipelines import datasets
 from posebh_jax import experiment
 from posebh_jax.convert import weights as weights_lib
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import check_state_dict_shapes, convert_state_dict
 from posebh_jax.convert.from_pth import ConversionError, convert_checkpoint, extract_state_dict
 from posebh_jax.models import tiny_reference_model
-from posebh_jax.prototypes import prototype_heatmap
+from posebh_jax.objective.prototypes import prototype_heatmap
 
 CONFIG_FILE = REPO / "configs" / "posebh.py"
 
@@ -420,12 +421,12 @@ def test_full_size_manifests_map_onto_configs(manifest, arg):
   shapes = {e["key"]: e["shape"]
             for e in json.loads(shared_path(f"golden/{manifest}").read_text())["state_dict"]}
   config = posebh_configs.get_config(arg)
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   check_state_dict_shapes(shapes, experiment.build_model(config, layout))
   if arg == "b":  # The ViTPose++ config takes the same layout minus the prototype head.
     vitpose = posebh_configs.get_config("vitpose_b")
     check_state_dict_shapes({k: s for k, s in shapes.items() if not k.startswith("proto_head.")},
-                            experiment.build_model(vitpose, experiment.build_layout(vitpose)))
+                            experiment.build_model(vitpose, datasets.build_layout(vitpose)))
 
 
 # --- posebh-eval --weights -----------------------------------------------------------------------
@@ -435,7 +436,7 @@ def test_eval_weights_restores_converted_params(converted_dir, tiny_config, tiny
   from posebh_jax.train import sharding as sharding_lib
 
   out, _ = converted_dir
-  layout = experiment.build_layout(tiny_config)
+  layout = datasets.build_layout(tiny_config)
   model = experiment.build_model(tiny_config, layout)
   mesh = sharding_lib.make_mesh(tiny_config.mesh)
   weights = evaluate.load_eval_weights(tiny_config, str(out), model, layout, mesh)

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from data_pipelines import transforms
-from posebh_jax import css
-from posebh_jax.compat import ReferenceCompat
-from posebh_jax.evaluation import decode
+from data_pipelines import heatmap_codec
+from posebh_jax.objective import css
+from posebh_jax.objective.compat import ReferenceCompat
 
 B, K, HM_H, HM_W = 16, 6, 64, 48
 CONF_THR, MATCH_DIST, SIGMA, KERNEL = 0.25, 2.1, 2.0, 11
@@ -50,8 +49,8 @@ def _reference_css(hm: np.ndarray, phm: np.ndarray, foreign: np.ndarray, *,
 
   def get_css_preds(x):
     x = np.array(x, np.float32)
-    preds, maxvals = decode.get_max_preds(x)
-    return decode.post_dark_udp(preds, x, kernel=KERNEL), maxvals
+    preds, maxvals = heatmap_codec.get_max_preds(x)
+    return heatmap_codec.post_dark_udp(preds, x, kernel=KERNEL), maxvals
 
   mh_preds, mh_max = (a[0] for a in get_css_preds(mh_f[None]))
   prt_preds, prt_max = (a[0] for a in get_css_preds(prt_f[None]))
@@ -60,7 +59,7 @@ def _reference_css(hm: np.ndarray, phm: np.ndarray, foreign: np.ndarray, *,
   second_term = prt_max if compat_pseudo else prt_preds
   pseudo = (mh_max / s) * mh_preds + (prt_max / s) * second_term
   all_valid = (mh_max > CONF_THR) * (prt_max > CONF_THR) * 1.0
-  t, _ = transforms.udp_target(pseudo, all_valid[:, 0], (w, h), (w, h), SIGMA)
+  t, _ = heatmap_codec.udp_target(pseudo, all_valid[:, 0], (w, h), (w, h), SIGMA)
 
   css_target = np.zeros((n_inst, kd, h, w), np.float32)
   css_weight = np.zeros((n_inst, kd, 1), np.float32)
@@ -247,9 +246,9 @@ def test_dark_udp_coords_match_numpy():
     for k in range(5):
       hm[i, k] = (_bump(rng.uniform(0, HM_W - 1), rng.uniform(0, HM_H - 1), rng.uniform(0.3, 1))
                   + _bump(rng.uniform(0, HM_W), rng.uniform(0, HM_H), 0.2, 4.0))
-  coords, maxvals = jax.jit(decode.dark_udp_coords_jax)(hm)
-  ref, ref_max = decode.get_max_preds(hm)
-  ref = decode.post_dark_udp(ref, hm.copy(), kernel=KERNEL)
+  coords, maxvals = jax.jit(heatmap_codec.dark_udp_coords_jax)(hm)
+  ref, ref_max = heatmap_codec.get_max_preds(hm)
+  ref = heatmap_codec.post_dark_udp(ref, hm.copy(), kernel=KERNEL)
   np.testing.assert_allclose(np.asarray(coords), ref, rtol=0, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(maxvals), ref_max[..., 0])
 
@@ -269,8 +268,8 @@ def test_udp_heatmaps_match_generator():
   coords = np.concatenate([edge, rand.astype(np.float32)])
   valid = np.ones(len(coords), np.float32)
   valid[::7] = 0.0
-  ref_t, ref_w = transforms.udp_target(coords, valid, (w, h), (w, h), SIGMA)
-  udp = jax.jit(css.udp_heatmaps_jax, static_argnums=(2, 3))
+  ref_t, ref_w = heatmap_codec.udp_target(coords, valid, (w, h), (w, h), SIGMA)
+  udp = jax.jit(heatmap_codec.udp_heatmaps_jax, static_argnums=(2, 3))
   t, wt = udp(coords, valid, (h, w), SIGMA)
   np.testing.assert_array_equal(np.asarray(wt), ref_w)
   np.testing.assert_allclose(np.asarray(t), ref_t, rtol=0, atol=1e-6)

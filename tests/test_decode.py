@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import load_golden
 
-from posebh_jax.evaluation import decode
+from data_pipelines import heatmap_codec
 
 
 # suffix -> keypoints_from_heatmaps kwargs (golden README, "decode.npz" settings table).
@@ -43,7 +43,7 @@ def test_numpy_decode_matches_reference(golden, prefix, suffix):
   """Exact mmpose semantics, including the edge set's -1 channels and the UDP flat-index quirk."""
   heatmaps, center, scale = _inputs(golden, prefix)
   before = heatmaps.copy()
-  preds, maxvals = decode.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS[suffix])
+  preds, maxvals = heatmap_codec.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS[suffix])
   ref_preds = golden[f'{prefix}preds_{suffix}']
   ref_maxvals = golden[f'{prefix}maxvals_{suffix}']
   assert preds.shape == ref_preds.shape and preds.dtype == np.float32
@@ -56,12 +56,12 @@ def test_numpy_decode_matches_reference(golden, prefix, suffix):
 def test_edge_set_pathological_channels(golden):
   """Channels 5 (negative) and 9 (zero): argmax -1; UDP still refines them from channel 4's data."""
   heatmaps, center, scale = _inputs(golden, 'edge_')
-  coords, maxvals = decode.get_max_preds(heatmaps)
+  coords, maxvals = heatmap_codec.get_max_preds(heatmaps)
   np.testing.assert_array_equal(coords[0, [5, 9]], -np.ones((2, 2), np.float32))
   assert maxvals[0, 5, 0] < 0 and maxvals[0, 9, 0] == 0
   np.testing.assert_array_equal(coords[0, 0], [0.0, 0.0])  # Corner peak of channel 0.
-  udp, _ = decode.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS['udp'])
-  default, _ = decode.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS['default'])
+  udp, _ = heatmap_codec.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS['udp'])
+  default, _ = heatmap_codec.keypoints_from_heatmaps(heatmaps, center, scale, **SETTINGS['default'])
   # Reference quirk (golden README): (25.09, 43.35) instead of default's (20.27, 37.61).
   np.testing.assert_allclose(udp[0, 5], [25.09, 43.35], atol=0.01)
   np.testing.assert_allclose(default[0, 5], [20.27, 37.61], atol=0.01)
@@ -72,7 +72,7 @@ def test_get_max_preds_small_case():
   hm[0, 0, 2, 3] = 1.0
   hm[0, 1] = -0.5
   hm[0, 2, 1, 1] = hm[0, 2, 3, 4] = 0.7  # Tie: first in row-major order wins.
-  coords, maxvals = decode.get_max_preds(hm)
+  coords, maxvals = heatmap_codec.get_max_preds(hm)
   np.testing.assert_array_equal(coords[0], [[3, 2], [-1, -1], [1, 1]])
   np.testing.assert_array_equal(maxvals[0, :, 0], np.array([1.0, -0.5, 0.7], np.float32))
 
@@ -81,32 +81,32 @@ def test_transform_preds_hand_computed():
   coords = np.array([[0.0, 0.0], [47.0, 63.0], [24.0, 32.0]], np.float32)
   center = np.array([100.0, 200.0], np.float32)
   scale = np.array([0.96, 1.28], np.float32)  # 192 x 256 px box.
-  udp = decode.transform_preds(coords, center, scale, (48, 64), use_udp=True)
+  udp = heatmap_codec.transform_preds(coords, center, scale, (48, 64), use_udp=True)
   # UDP: x * 192 / 47 + 100 - 96, y * 256 / 63 + 200 - 128.
   np.testing.assert_allclose(
       udp, [[4.0, 72.0], [196.0, 328.0], [4.0 + 24 * 192 / 47, 72.0 + 32 * 256 / 63]], atol=1e-4)
   # Standard: x * 192 / 48 + 4, y * 256 / 64 + 72.
-  std = decode.transform_preds(coords, center, scale, (48, 64), use_udp=False)
+  std = heatmap_codec.transform_preds(coords, center, scale, (48, 64), use_udp=False)
   np.testing.assert_allclose(std, [[4.0, 72.0], [192.0, 324.0], [100.0, 200.0]], atol=1e-4)
-  batched = decode.transform_preds(coords[None], center[None], scale[None], (48, 64), use_udp=True)
+  batched = heatmap_codec.transform_preds(coords[None], center[None], scale[None], (48, 64), use_udp=True)
   np.testing.assert_array_equal(batched[0], udp)
 
 
 def test_flip_back_matches_reference(golden):
-  out = decode.flip_back(golden['heatmaps'], golden['flip_pairs'])
+  out = heatmap_codec.flip_back(golden['heatmaps'], golden['flip_pairs'])
   np.testing.assert_allclose(out, golden['flip_back'], rtol=0, atol=1e-6)
   # Flipping back twice is the identity, and the JAX path gives the same array.
-  np.testing.assert_array_equal(decode.flip_back(out, golden['flip_pairs']), golden['heatmaps'])
-  jax_out = jax.jit(lambda h: decode.flip_back(h, golden['flip_pairs']))(golden['heatmaps'])
+  np.testing.assert_array_equal(heatmap_codec.flip_back(out, golden['flip_pairs']), golden['heatmaps'])
+  jax_out = jax.jit(lambda h: heatmap_codec.flip_back(h, golden['flip_pairs']))(golden['heatmaps'])
   np.testing.assert_array_equal(np.asarray(jax_out), golden['flip_back'])
 
 
 def test_shift_heatmap_right():
   hm = np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4)
-  out = decode.shift_heatmap_right(hm)
+  out = heatmap_codec.shift_heatmap_right(hm)
   np.testing.assert_array_equal(out[..., 1:], hm[..., :-1])
   np.testing.assert_array_equal(out[..., 0], hm[..., 0])
-  np.testing.assert_array_equal(np.asarray(decode.shift_heatmap_right(jax.numpy.asarray(hm))), out)
+  np.testing.assert_array_equal(np.asarray(heatmap_codec.shift_heatmap_right(jax.numpy.asarray(hm))), out)
 
 
 @pytest.mark.parametrize('prefix', ['', 'edge_'])
@@ -116,8 +116,8 @@ def test_jax_decode_matches_numpy(golden, prefix, suffix):
   whose flat-index quirk the JAX version reproduces (agreement measured at 6e-5 px)."""
   heatmaps, center, scale = _inputs(golden, prefix)
   kwargs = SETTINGS[suffix]
-  ref_preds, ref_maxvals = decode.keypoints_from_heatmaps(heatmaps, center, scale, **kwargs)
-  preds, maxvals = decode.decode_heatmaps_jax(heatmaps, center, scale, use_udp=kwargs['use_udp'],
+  ref_preds, ref_maxvals = heatmap_codec.keypoints_from_heatmaps(heatmaps, center, scale, **kwargs)
+  preds, maxvals = heatmap_codec.decode_heatmaps_jax(heatmaps, center, scale, use_udp=kwargs['use_udp'],
                                               post_process=kwargs['post_process'])
   preds, maxvals = np.asarray(preds), np.asarray(maxvals)
   assert preds.shape == ref_preds.shape and np.isfinite(preds).all()
@@ -130,7 +130,7 @@ def test_jax_blur_matches_opencv(golden):
   import cv2
   hm = golden['heatmaps'][:2]
   ref = np.stack([[cv2.GaussianBlur(c, (11, 11), 0) for c in s] for s in hm])
-  out = np.asarray(jax.jit(decode.gaussian_blur_jax)(hm))
+  out = np.asarray(jax.jit(heatmap_codec.gaussian_blur_jax)(hm))
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
 
 
@@ -144,8 +144,8 @@ def test_jax_udp_on_smooth_random_heatmaps():
   hm = np.exp(-((xs - cx)**2 + (ys - cy)**2) / 8.0).astype(np.float32)
   center = rng.uniform(100, 300, (n, 2)).astype(np.float32)
   scale = rng.uniform(0.5, 2.0, (n, 2)).astype(np.float32)
-  ref, _ = decode.keypoints_from_heatmaps(hm, center, scale, use_udp=True)
-  out, _ = decode.decode_heatmaps_jax(hm, center, scale, use_udp=True)
+  ref, _ = heatmap_codec.keypoints_from_heatmaps(hm, center, scale, use_udp=True)
+  out, _ = heatmap_codec.decode_heatmaps_jax(hm, center, scale, use_udp=True)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=JAX_ATOL)
   # DARK-UDP recovers the true sub-pixel centre of a clean Gaussian closely (UDP: x_img
   # = x * s / (w - 1) + c - s / 2), away from the border.

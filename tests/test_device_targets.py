@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import device_targets as dt
-from data_pipelines import transforms
+from data_pipelines import heatmap_codec
 
 SPEC = dt.TargetSpec(image_size_wh=(192, 256), heatmap_size_wh=(48, 64), sigma=2.0,
                      udp_per_dataset=(True, False, True))
@@ -117,4 +117,4 @@ def test_spec_validation():
                        np.zeros((1,), np.int32), dt.TargetSpec((192, 256), (48, 64)))
   # The numpy encoders agree on what they accept.
   with pytest.raises(ValueError, match="3·sigma"):
-    transforms.msra_target(np.zeros((1, 2)), np.ones(1), (192, 256), (48, 64), sigma=1.5)
+    heatmap_codec.msra_target(np.zeros((1, 2)), np.ones(1), (192, 256), (48, 64), sigma=1.5)

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def _params(workdir, cfg, step):
+  from data_pipelines import datasets
   from posebh_jax import experiment
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   model = experiment.build_model(cfg, layout)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   _, abstract, _, _ = loop.abstract_train_state(cfg, model, layout, mesh)

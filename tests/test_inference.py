@@ -13,7 +13,7 @@ import pytest
 
 from conftest import shared_path
 from configs import posebh as posebh_configs
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment, inference
 from posebh_jax.evaluation import predict as predict_lib
 from posebh_jax.train.checkpoint import CheckpointMismatchError
@@ -178,7 +178,7 @@ def test_workdir_checkpoint_restores_the_saved_variables(config, predictor, coco
   from posebh_jax.train import checkpoint as checkpoint_lib
   from posebh_jax.train import loop
   from posebh_jax.train import sharding as sharding_lib
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   model = experiment.build_model(config, layout)
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
   _, abstract, _, _ = loop.abstract_train_state(config, model, layout, mesh)

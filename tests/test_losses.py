@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax import losses
+from posebh_jax.objective import losses
 
 
 def test_joints_mse_matches_reference_normalisation():

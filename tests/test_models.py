@@ -310,8 +310,8 @@ def test_heads_standalone_shapes():
 
 
 def test_backbone_rejects_wrong_input_size():
-  model = ViTMoE(img_size=IMG, patch_size=8, embed_dim=16, depth=1, num_heads=2,
-                 part_features=4, num_experts=2)
+  model = ViTMoE(ViTMoEConfig(img_size=IMG, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                              part_features=4, num_experts=2))
   with pytest.raises(ValueError, match="token grid"):
     model.init(jax.random.key(0), jnp.ones((1, 40, 24, 3)), jnp.zeros((1,), jnp.int32),
                train=False)

@@ -35,7 +35,7 @@ from posebh_jax.train import loop, sharding
 
 cfg = synthetic.get_config("tiny")
 cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.fsdp_min_size = 4, 2, 64
-layout = experiment.build_layout(cfg)
+layout = datasets.build_layout(cfg)
 model = experiment.build_model(cfg, layout)
 mesh = sharding.make_mesh(cfg.mesh)
 assert mesh.size == 8 and jax.process_count() == nproc
@@ -52,7 +52,7 @@ for step in range(3):
               skeleton_mask=layout.skeleton_mask()[ds])
   per = b // nproc  # This process's rows of the global batch.
   local = {k: v[pid * per:(pid + 1) * per] for k, v in full.items()}
-  state = loop.enter_step(cfg, state, step, tx, shard)
+  state = loop.enter_step(cfg, state, step, tx, shard, steps.schedule)
   state, m = steps.run(step, state, pipeline.to_global_batch(local, mesh))
   losses.append(float(m["loss/total"]))
 params = multihost_utils.process_allgather(state.params, tiled=True)

@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO
 from configs import common
 from configs import synthetic as synthetic_configs
-from data_pipelines import annotation_info, skeletons, tfds_builders
+from data_pipelines import annotation_info, datasets, skeletons, tfds_builders
 from data_pipelines.synthetic import render
 from posebh_jax import config_checks, experiment
 from posebh_jax.evaluation import coco_metrics
@@ -101,7 +101,7 @@ def test_resolve_names_mappings_configdicts_and_files(tmp_path):
 def test_config_layout_files_and_records(tmp_path):
   config = _config(tmp_path)
   config_checks.check_config(config)
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   assert layout.num_keypoints == (17, 14, 17, 14)
   assert layout.skeletons[3].name == "stick14"
   # The synthetic entries are generated; stick14 reads its own files ("unknown synthetic
@@ -109,7 +109,7 @@ def test_config_layout_files_and_records(tmp_path):
   files = experiment.resolve_dataset_files(config, str(tmp_path / "work"))
   assert files[3].train_ann == str(tmp_path / "stick14" / "train.json")
   assert "synthetic_data" in files[0].train_ann
-  recs, _ = experiment.load_records(config, layout, files, "train")
+  recs, _ = datasets.load_records(config, layout, files, "train")
   assert [len(r) for r in recs] == [24, 24, 24, 16]
   assert recs[3][0]["keypoints"].shape == (14, 3)
 
@@ -118,12 +118,12 @@ def test_evaluation_only_entry(tmp_path):
   config = _config(tmp_path)
   config.data.datasets.stick14.train_ann = ""
   config_checks.check_config(config)
-  assert experiment.train_weights(config) == [1.0, 1.0, 2.5, 0.0]
-  layout = experiment.build_layout(config)
+  assert datasets.train_weights(config) == [1.0, 1.0, 2.5, 0.0]
+  layout = datasets.build_layout(config)
   files = experiment.resolve_dataset_files(config, str(tmp_path / "work"))
-  train, reports = experiment.load_records(config, layout, files, "train")
+  train, reports = datasets.load_records(config, layout, files, "train")
   assert len(train[3]) == 0 and "no train annotations" in str(reports[3])
-  val, _ = experiment.load_records(config, layout, files, "val")
+  val, _ = datasets.load_records(config, layout, files, "val")
   assert len(val[3]) == 8
 
 

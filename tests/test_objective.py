@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from posebh_jax.compat import ReferenceCompat
 from posebh_jax.models.posebh import ModelOutputs
-from posebh_jax.train import objective
+from posebh_jax.objective import clustering, objective
+from posebh_jax.objective.compat import ReferenceCompat
 
 NUM_KPTS = (3, 4)  # Two datasets: global ids 0-2 and 3-6.
 B, H, W, E, M, C = 4, 16, 12, 32, 2, 3
@@ -73,7 +73,7 @@ def _loss(cfg, ds, emb, heads, target, weight, protos, cluster, ckpt):
 @pytest.fixture(scope="module")
 def problem():
   ds, emb, heads, target, weight, protos = _problem()
-  table, closest = objective.init_clusters(protos, C, iterations=20, beta=20.0,
+  table, closest = clustering.init_clusters(protos, C, iterations=20, beta=20.0,
                                            compat=ReferenceCompat())
   return ds, emb, heads, target, weight, protos, table, closest
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from conftest import shared_path
 from configs import posebh as posebh_configs
-from data_pipelines import build_tfds
+from data_pipelines import build_tfds, datasets
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
 
@@ -36,7 +36,7 @@ def test_tfds_build_of_the_eval_dataset_equals_its_file(tmp_path):
   builds = {b.name: b for b in build_tfds.config_builds(config)}
   assert builds["ochuman"].format == "coco" and builds["ochuman"].num_keypoints == 17
   assert list(builds) == ["coco", "ochuman"] and set(builds["ochuman"].splits) == {"val"}
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   files = experiment.resolve_dataset_files(config, "")
   protocols = benchmark.dataset_protocols(config, files, ["coco", "ochuman"],
                                           with_eval_datasets=True)

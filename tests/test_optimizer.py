@@ -70,18 +70,18 @@ def test_weight_decay_set():
 
 
 def test_step_schedule_with_warmup_exact():
-  c = _config(schedule="step", learning_rate=1e-3, warmup_steps=500, warmup_ratio=1e-3,
+  c = _config(lr_schedule="step", learning_rate=1e-3, warmup_steps=500, warmup_ratio=1e-3,
               decay_steps=(73000, 131400), decay_factor=0.1, num_steps=146000)
   lr = opt.learning_rate_schedule(c.train)
   want = {0: 1e-6, 250: 1e-3 * (1 - 0.5 * 0.999), 499: 1e-3 * (1 - (1 / 500) * 0.999),
           500: 1e-3, 72999: 1e-3, 73000: 1e-4, 131399: 1e-4, 131400: 1e-5, 145999: 1e-5}
   for step, v in want.items():
     assert float(lr(step)) == pytest.approx(v, rel=1e-6), step
-  cos = opt.learning_rate_schedule(_config(schedule="cosine", warmup_steps=10, num_steps=110).train)
+  cos = opt.learning_rate_schedule(_config(lr_schedule="cosine", warmup_steps=10, num_steps=110).train)
   assert float(cos(0)) == pytest.approx(1e-6, rel=1e-4) and float(cos(10)) == pytest.approx(1e-3)
   assert float(cos(60)) == pytest.approx(0.5e-3, rel=1e-5) and float(cos(110)) == pytest.approx(0)
-  with pytest.raises(ValueError, match="unknown train.schedule"):
-    opt.learning_rate_schedule(_config(schedule="poly").train)
+  with pytest.raises(ValueError, match="unknown train.lr_schedule"):
+    opt.learning_rate_schedule(_config(lr_schedule="poly").train)
 
 
 def _torch_adamw_reference(params, grads_seq, trainable_seq, *, lr_fn, scales, decays, wd,
@@ -125,7 +125,7 @@ def _flat(tree):
 
 
 def test_adamw_matches_pytorch_with_layer_decay_clipping_and_freezing():
-  c = _config(schedule="step", learning_rate=1e-2, warmup_steps=2, decay_steps=(3,),
+  c = _config(lr_schedule="step", learning_rate=1e-2, warmup_steps=2, decay_steps=(3,),
               weight_decay=0.1, layer_decay=0.5, clip_norm=1.0, num_steps=6)
   params = _params()
   tx = opt.make_optimizer(c, params)
@@ -188,7 +188,7 @@ def test_frozen_group_gets_no_update_and_no_decay():
 def test_all_trainable_without_layer_decay_equals_optax_adamw():
   # The synthetic default (cosine, no layer decay, nothing frozen) trains as before this
   # optimizer: clip + optax.adamw with the same mask (no clipping here: small gradients).
-  c = _config(schedule="cosine", warmup_steps=3, num_steps=10, weight_decay=0.1)
+  c = _config(lr_schedule="cosine", warmup_steps=3, num_steps=10, weight_decay=0.1)
   params = _params()
   import optax
   ref_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(

@@ -14,9 +14,10 @@ import cv2
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 from conftest import shared_path
-from data_pipelines import coco_reader, device_targets, pipeline, readers, transforms
+from data_pipelines import coco_reader, device_targets, heatmap_codec, pipeline, readers, transforms
 from data_pipelines.skeletons import (SYNTH_AIC, SYNTH_AP10K, SYNTH_COCO, SkeletonLayout,
                                       get_skeleton)
 from data_pipelines.synthetic import generate
@@ -91,6 +92,12 @@ def test_mixing_follows_weights_and_batches_are_static(sources):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_iterator_state_restores_the_same_batches(sources, num_workers):
+  if num_workers and not flags.FLAGS.is_parsed():
+    # grain's workers read absl flags; the application parses them (pipeline.make_iterator).
+    with pytest.raises(RuntimeError, match="not parsed"):
+      pipeline.make_iterator(pipeline.mixed_train_dataset(sources, [1.0, 1.0, 1.0], _cfg(),
+                                                          batch_size=4, seed=5), num_workers=2)
+    flags.FLAGS.mark_as_parsed()
   ds = pipeline.mixed_train_dataset(sources, [1.0, 1.0, 1.0], _cfg(), batch_size=4, seed=5)
   it = pipeline.make_iterator(ds, num_workers=num_workers)
   for _ in range(3):
@@ -135,14 +142,14 @@ def test_host_rows_of_the_global_batch_do_not_depend_on_the_host_count(sources):
 
 @pytest.mark.parametrize("shape", [(1, 8), (2, 4), (8, 1)])
 def test_one_batch_sharding_places_every_row_once(shape):
-  # Placement and compute share `sharding.batch_sharding` (data x fsdp): a data=1, fsdp=8 mesh
+  # Placement and compute share `pipeline.batch_sharding` (data x fsdp): a data=1, fsdp=8 mesh
   # keeps all 16 rows and gives each device its own 2.
   from posebh_jax.train import sharding
   import ml_collections
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=shape[0], fsdp=shape[1])))
   assert pipeline.host_batch_rows(16, mesh) == list(range(16))
   batch = pipeline.to_global_batch(dict(x=np.arange(16, dtype=np.float32).reshape(16, 1)), mesh)
-  assert batch["x"].shape == (16, 1) and batch["x"].sharding == sharding.batch_sharding(mesh)
+  assert batch["x"].shape == (16, 1) and batch["x"].sharding == pipeline.batch_sharding(mesh)
   assert sorted(tuple(np.asarray(s.data)[:, 0]) for s in batch["x"].addressable_shards) == [
       (2 * i, 2 * i + 1) for i in range(8)]
 
@@ -322,9 +329,9 @@ def _reference_example(record, image_rgb, rng):
                                                udp)  # 5.
   image = ((crop.astype(np.float32) / np.float32(255) - transforms.IMAGENET_MEAN)
            / transforms.IMAGENET_STD)  # 6.
-  encode = transforms.udp_target if udp else transforms.msra_target
+  encode = heatmap_codec.udp_target if udp else heatmap_codec.msra_target
   target, weight = encode(joints, vis, (192, 256), (48, 64), sigma=2.0)  # 7.
-  target, weight = transforms.pad_keypoints(target, weight, 133)
+  target, weight = heatmap_codec.pad_keypoints(target, weight, 133)
   return dict(image=image, target=target, target_weight=weight, dataset_index=d)
 
 

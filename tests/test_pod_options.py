@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from configs import synthetic
-from posebh_jax import experiment
+from data_pipelines import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +40,15 @@ def test_num_workers_auto_resolution(monkeypatch):
   cfg = synthetic.get_config("tiny")
   assert cfg.data.num_workers == -1  # The default of every config (configs/common.py).
   assert jax.default_backend() == "cpu"
-  assert experiment.num_input_workers(cfg) == 0  # CPU devices: the step needs the cores.
+  assert datasets.num_input_workers(cfg) == 0  # CPU devices: the step needs the cores.
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   for cpus, want in ((1, 1), (4, 2), (10, 5), (64, 16), (240, 16)):
     monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
-    assert experiment.num_input_workers(cfg) == want, cpus
+    assert datasets.num_input_workers(cfg) == want, cpus
   cfg.data.num_workers = 3  # An explicit count is kept as given.
-  assert experiment.num_input_workers(cfg) == 3
+  assert datasets.num_input_workers(cfg) == 3
   cfg.data.num_workers = 0
-  assert experiment.num_input_workers(cfg) == 0
+  assert datasets.num_input_workers(cfg) == 0
 
 
 def test_cli_resolves_workers_and_writes_a_profile_trace(tmp_path, data_root):

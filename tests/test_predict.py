@@ -11,12 +11,12 @@ import pytest
 
 from conftest import load_golden, shared_path
 from configs import posebh as posebh_configs
-from data_pipelines import coco_reader, pipeline
+from data_pipelines import coco_reader, datasets, heatmap_codec, pipeline
 from posebh_jax import experiment
 from posebh_jax.convert.pth_reader import load_pth
 from posebh_jax.convert.torch_to_flax import convert_state_dict
-from posebh_jax.evaluation import decode, predict
-from posebh_jax.prototypes import prototype_heatmap
+from posebh_jax.evaluation import predict
+from posebh_jax.objective.prototypes import prototype_heatmap
 from posebh_jax.train import sharding as sharding_lib
 
 COCO, AIC, MPII, AP10K, WHOLEBODY = 0, 1, 2, 3, 5
@@ -26,8 +26,8 @@ COCO, AIC, MPII, AP10K, WHOLEBODY = 0, 1, 2, 3, 5
 def setup():
   """The tiny_reference config's model, layout and top-down settings (no weights)."""
   config = posebh_configs.get_config("tiny_reference")
-  layout = experiment.build_layout(config)
-  return config, experiment.build_model(config, layout), experiment.topdown_config(config, layout)
+  layout = datasets.build_layout(config)
+  return config, experiment.build_model(config, layout), datasets.topdown_config(config, layout)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,9 @@ def test_merge_flipped_matches_numpy_reference(setup, a):
   rng = np.random.default_rng(a)
   h = rng.random((2, dec.num_keypoints, 8, 6)).astype(np.float32)
   hf = rng.random((2, dec.num_keypoints, 8, 6)).astype(np.float32)
-  want = decode.flip_back(hf, dec.flip_pairs)
+  want = heatmap_codec.flip_back(hf, dec.flip_pairs)
   if a != COCO:  # Standard encoding: shift right by one pixel (spec §5.2 step 4).
-    want = decode.shift_heatmap_right(want)
+    want = heatmap_codec.shift_heatmap_right(want)
   want = (h + want) * 0.5
   got = jax.jit(lambda x, y: predict.merge_flipped(dec, x, y))(h, hf)
   np.testing.assert_array_equal(np.asarray(got), want)
@@ -90,7 +90,7 @@ def test_decoding_matches_numpy_reference(setup, a):
   center = rng.uniform(100, 400, (3, 2)).astype(np.float32)
   scale = rng.uniform(0.5, 2.0, (3, 2)).astype(np.float32)
   got = np.asarray(jax.jit(lambda *x: predict.heatmaps_to_keypoints(dec, *x))(hm, center, scale))
-  coords, maxvals = decode.keypoints_from_heatmaps(hm, center, scale, use_udp=dec.use_udp,
+  coords, maxvals = heatmap_codec.keypoints_from_heatmaps(hm, center, scale, use_udp=dec.use_udp,
                                                    post_process="default", kernel=11)
   assert got.shape == (3, dec.num_keypoints, 3)
   np.testing.assert_allclose(got[..., :2], coords, atol=2e-3)
@@ -136,9 +136,9 @@ def _numpy_flip_test(model, dec, params, batch_stats, crops, flip, through, prot
   h = heat(crops)
   if not flip:
     return h
-  hf = decode.flip_back(heat(np.ascontiguousarray(crops[:, :, ::-1])), dec.flip_pairs)
+  hf = heatmap_codec.flip_back(heat(np.ascontiguousarray(crops[:, :, ::-1])), dec.flip_pairs)
   if dec.shift_heatmap:
-    hf = decode.shift_heatmap_right(hf)
+    hf = heatmap_codec.shift_heatmap_right(hf)
   return (h + hf) * 0.5
 
 
@@ -160,7 +160,7 @@ def test_predict_matches_numpy_path(setup, tiny_weights, a, through):
 
   fn = predict.make_predict_fn(model, dec, through=through)
   kp = np.asarray(fn(params, batch_stats, prototypes, crops, center, scale))
-  coords, maxvals = decode.keypoints_from_heatmaps(want_hm, center, scale, use_udp=dec.use_udp,
+  coords, maxvals = heatmap_codec.keypoints_from_heatmaps(want_hm, center, scale, use_udp=dec.use_udp,
                                                    post_process="default")
   np.testing.assert_allclose(kp[..., 2], maxvals[..., 0], atol=2e-6)
   if dec.use_udp:  # DARK-UDP on untrained maps: within a heatmap pixel (see the golden test).

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, cli_env, tiny_config, tiny_train_args
-from posebh_jax import experiment
 from posebh_jax.train import checkpoint as checkpoint_lib
-from posebh_jax.train import loop
+from posebh_jax.train import loop, restore
 
 NUM_STEPS = 8
 
@@ -50,16 +49,8 @@ def _losses(workdir):
 
 
 def _restore(workdir, cfg, step):
-  layout = experiment.build_layout(cfg)
-  model = experiment.build_model(cfg, layout)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  _, abstract, _, _ = loop.abstract_train_state(cfg, model, layout, mesh)
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    return jax.device_get(ckpt.restore(step, abstract, None,
-                                       experiment.checkpoint_meta(cfg, layout)))
-  finally:
-    ckpt.close()
+  return jax.device_get(restore.restore_state(cfg, workdir, step, mesh)[0])
 
 
 def _wait_for(predicate, proc, timeout=300):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax import prototypes as proto_lib
+from posebh_jax.objective import prototypes as proto_lib
 
 
 def _normalize(x):

@@ -14,7 +14,7 @@ import pytest
 
 from configs import common, samples
 from conftest import REPO, shared_path
-from data_pipelines import build_tfds, pipeline, readers, tfds_builders
+from data_pipelines import build_tfds, datasets, pipeline, readers, tfds_builders
 from posebh_jax import experiment
 
 NAMES = ("coco", "aic", "mpii", "ap10k", "coco_wholebody")
@@ -44,13 +44,13 @@ def test_config_has_the_five_sample_datasets():
   cfg = samples.get_config("tfds")
   assert cfg.data.dataset_names == NAMES
   assert cfg.data.tfds_dir and cfg.data.root == "../shared/data/samples"
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   assert layout.num_keypoints == (17, 14, 16, 17, 133) and layout.max_keypoints == 133
-  assert experiment.tfds_formats(cfg) == list(NAMES)
-  td = experiment.topdown_config(cfg, layout)
+  assert datasets.tfds_formats(cfg) == list(NAMES)
+  td = datasets.topdown_config(cfg, layout)
   assert td.encodings == ("udp", "msra", "udp", "msra", "msra")
   assert td.half_body == (True, True, False, True, True)  # MPII: none (spec §4.1).
-  with pytest.raises(ValueError, match="unknown options"):
+  with pytest.raises(ValueError, match="unknown or bad options"):
     samples.get_config("tfsd")
 
 
@@ -107,11 +107,11 @@ def test_built_records_equal_the_files(built):
   from_files, from_tfds = _config(), _config(data_dir)
   for c in (from_files, from_tfds):
     c.reference_compat.center_jitter_at_build = True
-  layout = experiment.build_layout(from_files)
+  layout = datasets.build_layout(from_files)
   for split in ("train", "val"):
     files = experiment.resolve_dataset_files(from_files, "")
-    direct, _ = experiment.load_records(from_files, layout, files, split)
-    stored, stored_reports = experiment.load_records(from_tfds, layout, files, split)
+    direct, _ = datasets.load_records(from_files, layout, files, split)
+    stored, stored_reports = datasets.load_records(from_tfds, layout, files, split)
     assert [r.kept for r in stored_reports] == [KEPT[n] for n in NAMES]
     for d, (a, b) in enumerate(zip(direct, stored)):
       assert len(a) == len(b) == KEPT[NAMES[d]]
@@ -121,7 +121,7 @@ def test_built_records_equal_the_files(built):
           np.testing.assert_array_equal(rb[key], ra[key], err_msg=f"{NAMES[d]} {split} {key}")
     if split == "train":
       assert any(not np.array_equal(r["center"], _bbox_center(r)) for r in direct[0])  # Jitter.
-      td = experiment.topdown_config(from_files, layout)
+      td = datasets.topdown_config(from_files, layout)
       weights = [1.0] * len(NAMES)
       batches = [pipeline.mixed_train_dataset(recs, weights, td, batch_size=8, seed=0)[0]
                  for recs in (direct, stored)]
@@ -139,11 +139,11 @@ def test_bad_dataset_formats_are_named(tmp_path):
   cfg.data.datasets.aic.format = "aic_v2"
   with pytest.raises(readers.UnknownFormatError, match=r"data\.datasets\.aic\.format.*'aic_v2'"):
     build_tfds.config_builds(cfg)
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   files = experiment.resolve_dataset_files(cfg, "")
   cfg.data.tfds_dir = ""
   with pytest.raises(readers.UnknownFormatError, match=r"data\.datasets\.aic\.format"):
-    experiment.load_records(cfg, layout, files, "train")
+    datasets.load_records(cfg, layout, files, "train")
 
   # A dataset named like a reference format is that format's build: another format is refused
   # at config time, naming it; from the files the same config is fine.
@@ -153,9 +153,9 @@ def test_bad_dataset_formats_are_named(tmp_path):
                      "'aic'"):
     build_tfds.config_builds(cfg)
   with pytest.raises(ValueError, match="data.datasets.aic: "):
-    experiment.load_records(cfg, layout, files, "train")
+    datasets.load_records(cfg, layout, files, "train")
   cfg.data.tfds_dir = ""  # From the files the same config is fine (two COCO-format files).
-  recs, _ = experiment.load_records(cfg, layout, files, "train")
+  recs, _ = datasets.load_records(cfg, layout, files, "train")
   assert len(recs[1]) == KEPT["aic"] and recs[1][0]["keypoints"].shape == (14, 3)
 
   # Builds are keyed by dataset name: two COCO-format datasets under other names get one build

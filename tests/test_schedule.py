@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from configs import posebh, synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, schedule, sharding
 
-B_BACKBONE = schedule.parse_events(("freeze,0", "freeze,50", "thaw,90"), "b")
-H_BACKBONE = schedule.parse_events(("freeze,0", "thaw,90"), "h")
+B_BACKBONE = schedule.parse_events((("freeze", 0), ("freeze", 50), ("thaw", 90)), "b")
+H_BACKBONE = schedule.parse_events((("freeze", 0), ("thaw", 90)), "h")
 
 
 @pytest.mark.parametrize("compat", [False, True], ids=["intended", "reference_6.8"])
@@ -20,7 +20,7 @@ def test_freeze_hook_bookkeeping(compat):
   assert [at(B_BACKBONE, s) for s in (0, 49, 50, 89)] == [False] * 4
   assert at(B_BACKBONE, 90) == (not compat)  # 6.8: the second freeze locks the ViT-B backbone.
   assert at(H_BACKBONE, 89) is False and at(H_BACKBONE, 90) is True  # H thaws either way.
-  heads = schedule.parse_events(("freeze,0", "thaw,50"), "heads")
+  heads = schedule.parse_events((("freeze", 0), ("thaw", 50)), "heads")
   assert (at(heads, 49), at(heads, 50)) == (False, True)
   assert at([], 0) and at([], 10 ** 6)
 
@@ -28,7 +28,7 @@ def test_freeze_hook_bookkeeping(compat):
 def test_posebh_b_config_expresses_the_reference_phases():
   c = posebh.get_config("b")
   e50, e90 = 50 * 1460, 90 * 1460
-  assert c.train.schedule == "step" and tuple(c.train.decay_steps) == (e50, e90)
+  assert c.train.lr_schedule == "step" and tuple(c.train.decay_steps) == (e50, e90)
   assert schedule.stage_boundaries(c) == [0, e50, e90]
   s0, s50, s90 = (schedule.stage_at(c, s) for s in (0, e50, e90))
   assert s0 == schedule.Stage(("proto_head",), update_prototypes=True, cps=False, css=False)
@@ -44,14 +44,30 @@ def test_posebh_b_config_expresses_the_reference_phases():
   assert schedule.thawed_at(posebh.get_config("b"), e90) == ("backbone",)
   assert schedule.thawed_at(posebh.get_config("b"), e50) == ("heads",)
   assert schedule.thawed_at(posebh.get_config("b"), e50 + 1) == ()
-  # The flag reaches the schedule only: the step's compat flags still build.
-  assert not schedule.step_compat(c).cps_topk_sort
+  # The schedule's flag is one of the compat switches, beside the step's.
+  assert schedule.reference_compat(c).freeze_hook_bookkeeping
+  assert not schedule.reference_compat(c).cps_topk_sort
+
+
+@pytest.mark.parametrize("arg,compat", [("b", False), ("b", True), ("h", False)])
+def test_stage_schedule_computed_once_equals_the_per_step_stages(arg, compat):
+  # The loop looks stages up in a StageSchedule built once; it must agree with stage_at and
+  # thawed_at on every step where anything could change, and the steps beside them.
+  c = posebh.get_config(arg)
+  c.reference_compat.freeze_hook_bookkeeping = compat
+  stages = schedule.StageSchedule.from_config(c)
+  e50, e90 = 50 * 1460, 90 * 1460
+  steps = {0, 1, e50 - 1, e50, e50 + 1, e90 - 1, e90, e90 + 1, c.train.num_steps - 1}
+  for step in sorted(steps):
+    assert stages.at(step) == schedule.stage_at(c, step), step
+    assert stages.thawed_at(step) == schedule.thawed_at(c, step), step
+  assert len(set(stages.stages)) == len(stages.boundaries)
 
 
 def test_synthetic_configs_keep_their_budget():
   for arg in (None, "baseline"):
     c = synthetic.get_config(arg)
-    assert c.train.num_steps == 900 and c.train.schedule == "cosine"
+    assert c.train.num_steps == 900 and c.train.lr_schedule == "cosine"
     assert c.train.layer_decay == 1.0
     for step in (0, 599, 600, 899):
       assert schedule.stage_at(c, step).trainable == ("backbone", "heads", "proto_head")
@@ -59,18 +75,18 @@ def test_synthetic_configs_keep_their_budget():
 
 def test_bad_events_fail_before_training():
   c = synthetic.get_config("tiny")
-  c.schedule.freeze_hooks.heads = ("freeze@0",)
+  c.schedule.freeze_hooks.heads = ("freeze,0",)  # A string, not a ("freeze", <step>) pair.
   with pytest.raises(ValueError, match="schedule.freeze_hooks.heads: bad freeze-hook event"):
-    loop.validate_config(c, experiment.build_layout(c))
+    loop.validate_config(c, datasets.build_layout(c))
 
 
 def _tiny_three_stages():
   """Synthetic tiny with the reference's phases: 0-1 proto head, 2 + heads, 3 + backbone."""
   c = synthetic.get_config("tiny")
   c.mesh.data = 2
-  c.schedule.freeze_hooks.heads = ("freeze,0", "thaw,2")
-  c.schedule.freeze_hooks.backbone = ("freeze,0", "freeze,2", "thaw,3")
-  c.train.schedule, c.train.decay_steps = "step", (2, 3)
+  c.schedule.freeze_hooks.heads = (("freeze", 0), ("thaw", 2))
+  c.schedule.freeze_hooks.backbone = (("freeze", 0), ("freeze", 2), ("thaw", 3))
+  c.train.lr_schedule, c.train.decay_steps = "step", (2, 3)
   return c
 
 
@@ -83,7 +99,7 @@ def _raw(x):
 
 def test_three_stage_run_compiles_once_per_stage_freezes_and_resumes():
   c = _tiny_three_stages()
-  layout = experiment.build_layout(c)
+  layout = datasets.build_layout(c)
   model = experiment.build_model(c, layout)
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:2])
   state, _, shard, tx = loop.create_train_state(c, model, layout, mesh)
@@ -101,7 +117,7 @@ def test_three_stage_run_compiles_once_per_stage_freezes_and_resumes():
   def run(state, start):
     hist = []
     for step in range(start, 4):
-      state = loop.enter_step(c, state, step, tx, shard)
+      state = loop.enter_step(c, state, step, tx, shard, steps.schedule)
       state, m = steps.run(step, state, pipeline.to_global_batch(batches[step], mesh))
       hist.append((jax.device_get(state), jax.device_get(m)))
     return state, hist

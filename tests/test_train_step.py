@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from configs import synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, optimizer, sharding, step as step_lib
 
@@ -36,7 +36,7 @@ def _setup(mesh_name="8", dtype="float32", detach=None):
     cfg.model.proto.detach_backbone = detach
   cfg.mesh.data, cfg.mesh.fsdp = _MESHES[mesh_name]
   cfg.mesh.fsdp_min_size = _FSDP_MIN_SIZE
-  layout = experiment.build_layout(cfg)
+  layout = datasets.build_layout(cfg)
   return cfg, layout, experiment.build_model(cfg, layout)
 
 
@@ -68,7 +68,8 @@ class _SGD:
     new = dict(params)
     for k, g in grads.items():
       new[k] = jax.tree_util.tree_map(lambda p, g: p - self.lr * g, params[k], g)
-    return new, opt_state, {"grad_norm": optax.tree.norm(grads)}
+    return new, opt_state, {"grad_norm": optax.tree.norm(grads),
+                            "learning_rate": jnp.float32(self.lr)}
 
   def group_learning_rates(self, step):
     return {g: jnp.float32(self.lr) for g in self.groups}
@@ -288,7 +289,7 @@ def test_frozen_groups_run_in_eval_mode_unless_the_reference_switch(reference):
   # Stage 1 of PoseBH: only the prototype head trains. Intended: the frozen heads run in eval
   # mode, so their BatchNorm running statistics stay as they were; the reference (spec §6.14)
   # keeps them in train mode, updating the statistics of frozen heads.
-  from posebh_jax.compat import ReferenceCompat
+  from posebh_jax.objective.compat import ReferenceCompat
   run = _run("1", 1, sgd_lr=0.1, trainable=("proto_head",),
              overrides=(("compat", ReferenceCompat(frozen_train_mode=reference)),))
   heads = lambda s: {k: v for k, v in s.batch_stats.items() if k.startswith("heads_")}

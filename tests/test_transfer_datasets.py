@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from data_pipelines import interhand_reader, readers, skeletons
+from data_pipelines import datasets, interhand_reader, readers, skeletons
 from posebh_jax import config_checks, experiment
 from posebh_jax.evaluation import benchmark, coco_metrics, hand_metrics, pck
 
@@ -155,18 +155,18 @@ def test_transfer_configs(tmp_path):
   for arg, name, k in (("interhand2d", "interhand2d", 21), ("pw3d", "pw3d", 24)):
     cfg = transfer.get_config(arg)
     assert cfg.data.dataset_names == (name,)
-    layout = experiment.build_layout(cfg)
+    layout = datasets.build_layout(cfg)
     assert layout.num_keypoints == (k,)
     assert cfg.model.proto.num_in_class == 3 and cfg.loss.css_weight == 0.0
     assert cfg.schedule.css_start_step == -1 and cfg.schedule.cps_start_step == -1
-    assert cfg.schedule.freeze_hooks.proto_head == ("freeze,0",)
+    assert cfg.schedule.freeze_hooks.proto_head == (("freeze", 0),)
     config_checks.check_config(cfg)
   pw = transfer.get_config("pw3d")
   spe = transfer.STEPS_PER_EPOCH["pw3d"]
   assert pw.train.learning_rate == 1e-4 and pw.train.weight_decay == 0.0
   assert pw.train.decay_steps == (10 * spe, 15 * spe) and pw.train.num_steps == 30 * spe
-  assert pw.schedule.freeze_hooks.backbone == ("freeze,0", f"thaw,{15 * spe}",
-                                               f"freeze,{16 * spe}")
+  assert pw.schedule.freeze_hooks.backbone == (("freeze", 0), ("thaw", 15 * spe),
+                                               ("freeze", 16 * spe))
   assert pw.schedule.proto_freeze_step == 15 * spe
 
 
@@ -193,11 +193,11 @@ def test_transfer_weights_keep_backbone_expert_and_embedding_not_heads_or_protot
   out = str(tmp_path / "transfer")
   meta = transfer.derive_transfer_weights(source_cfg, tiny_weights, target_cfg, out, expert=2)
   assert meta["transfer"]["expert"] == 2
-  layout = experiment.build_layout(target_cfg)
+  layout = datasets.build_layout(target_cfg)
   model = experiment.build_model(target_cfg, layout)
   got, _ = weights_lib.load_weights(out, model, num_prototype_keypoints=24)  # Fits the model.
   assert got.prototypes is None and got.cluster_prototypes is None  # Fresh in training.
-  src_model = experiment.build_model(source_cfg, experiment.build_layout(source_cfg))
+  src_model = experiment.build_model(source_cfg, datasets.build_layout(source_cfg))
   src, _ = weights_lib.load_weights(tiny_weights, src_model, num_prototype_keypoints=214)
   g = traverse_util.flatten_dict(got.params, sep="/")
   s = traverse_util.flatten_dict(src.params, sep="/")

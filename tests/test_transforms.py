@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import load_golden, shared_path
+from data_pipelines import heatmap_codec
 from data_pipelines import transforms as T
 
 IMAGE_WH = (192, 256)
@@ -90,7 +91,7 @@ class _FixedRng:
 # targets.npz
 # ----------------------------------------------------------------------------------------------
 
-ENCODERS = {"msra": T.msra_target, "udp": T.udp_target}
+ENCODERS = {"msra": heatmap_codec.msra_target, "udp": heatmap_codec.udp_target}
 ZEROED = {
     "msra": [(1, 1), (1, 3), (1, 4), (4, 1), (4, 2), (4, 4), (4, 6), (4, 7), (4, 9), (4, 10),
              (5, 0)],
@@ -122,7 +123,7 @@ def test_targets_match_golden(targets_npz, enc):
 def test_targets_padded133_match_golden(targets_npz, enc):
   g = targets_npz
   target, weight = ENCODERS[enc](g["joints"][0], g["joints_visible"][0], IMAGE_WH, HEATMAP_WH)
-  target, weight = T.pad_keypoints(target, weight[:, None], 133)
+  target, weight = heatmap_codec.pad_keypoints(target, weight[:, None], 133)
   assert target.shape == (133, 64, 48) and weight.shape == (133, 1)
   np.testing.assert_allclose(target, g[f"{enc}_target_padded133_sample0"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(weight, g[f"{enc}_target_weight_padded133_sample0"], rtol=0,
@@ -164,7 +165,7 @@ def test_targets_match_literal_loop(udp):
   xy[:12, 0] = [-33.9, -34.0, -34.6, -30.1, -26.0, 213.9, 214.0, 217.5, 1e6, -1e6, 0.0, 191.0]
   xy[12:24, 1] = [-33.9, -34.0, -34.6, -26.0, 277.9, 278.0, 282.0, 1e6, -1e6, 0.0, 255.0, -2.1]
   vis = (rng.random(k) > 0.2).astype(np.float32)
-  fn = T.udp_target if udp else T.msra_target
+  fn = heatmap_codec.udp_target if udp else heatmap_codec.msra_target
   target, weight = fn(xy, vis, IMAGE_WH, HEATMAP_WH)
   ref_target, ref_weight = _loop_target(xy, vis, udp)
   np.testing.assert_array_equal(weight, ref_weight)
@@ -173,10 +174,10 @@ def test_targets_match_literal_loop(udp):
 
 
 def test_msra_peak_is_one_at_integer_centre():
-  target, weight = T.msra_target(np.array([[40.0, 60.0]]), np.array([1.0]), IMAGE_WH, HEATMAP_WH)
+  target, weight = heatmap_codec.msra_target(np.array([[40.0, 60.0]]), np.array([1.0]), IMAGE_WH, HEATMAP_WH)
   assert weight[0] == 1 and target[0, 15, 10] == 1.0 and target[0].sum() > 1
   with pytest.raises(ValueError):
-    T.msra_target(np.array([[40.0, 60.0]]), np.array([1.0]), IMAGE_WH, HEATMAP_WH, sigma=1.5)
+    heatmap_codec.msra_target(np.array([[40.0, 60.0]]), np.array([1.0]), IMAGE_WH, HEATMAP_WH, sigma=1.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,10 +375,10 @@ def test_transform_preds_inverts_crop(udp):
   else:
     factor = np.array(HEATMAP_WH) / np.array(IMAGE_WH)
   hm = T.affine_points(pts, m) * factor
-  back = T.transform_preds(hm, center, scale, HEATMAP_WH, udp)
+  back = heatmap_codec.transform_preds(hm, center, scale, HEATMAP_WH, udp)
   np.testing.assert_allclose(back, pts, atol=1e-3)
   # The other convention does not invert it: the test can tell UDP from standard.
-  wrong = T.transform_preds(hm, center, scale, HEATMAP_WH, not udp)
+  wrong = heatmap_codec.transform_preds(hm, center, scale, HEATMAP_WH, not udp)
   assert np.abs(wrong - pts).max() > 0.5
 
 
@@ -445,8 +446,8 @@ def test_pipeline_normalisation_table_equals_normalize_image():
 
 def test_pad_keypoints():
   t, w = np.ones((14, 4, 3), np.float32), np.ones(14, np.float32)
-  pt, pw = T.pad_keypoints(t, w, 133)
+  pt, pw = heatmap_codec.pad_keypoints(t, w, 133)
   assert pt.shape == (133, 4, 3) and pw.shape == (133,) and pt.dtype == np.float32
   assert pt[:14].all() and not pt[14:].any() and pw.sum() == 14
   with pytest.raises(ValueError):
-    T.pad_keypoints(t, w, 10)
+    heatmap_codec.pad_keypoints(t, w, 10)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 import numpy as np
 
-from data_pipelines import storage
+from data_pipelines import datasets, storage
 
 if TYPE_CHECKING:
   from posebh_jax.models.posebh import PoseBHModel
@@ -139,7 +139,7 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
   """
   import jax
 
-  from posebh_jax import clustering
+  from posebh_jax.objective import clustering
   from posebh_jax.convert import pth_reader, torch_to_flax
   from posebh_jax.convert import weights as weights_lib
 
@@ -279,7 +279,7 @@ def convert_checkpoint(config: ml_collections.ConfigDict, pth_path: str, out_dir
   """
   from posebh_jax import experiment
 
-  layout = experiment.build_layout(config)
+  layout = datasets.build_layout(config)
   model = experiment.build_model(config, layout)
   return convert_pth(model, pth_path, out_dir, num_in_class=config.model.proto.num_in_class,
                      seed=config.seed, model_meta=experiment.checkpoint_meta(config, layout),

@@ -48,10 +48,11 @@ def derive_transfer_weights(source_config: ml_collections.ConfigDict, source_dir
     ValueError: a target with more than one dataset, an expert out of range, or backbone /
       prototype-head shapes that differ between source and target (leaves named).
   """
+  from data_pipelines import datasets
   from posebh_jax import experiment
 
-  src_layout = experiment.build_layout(source_config)
-  tgt_layout = experiment.build_layout(target_config)
+  src_layout = datasets.build_layout(source_config)
+  tgt_layout = datasets.build_layout(target_config)
   if tgt_layout.num_datasets != 1:
     raise ValueError(f"the transfer config has {tgt_layout.num_datasets} datasets; expected one")
   if not 0 <= expert < src_layout.num_datasets:

@@ -40,8 +40,8 @@ from etils import epath
 
 from data_pipelines import storage
 from posebh_jax.convert.torch_to_flax import expected_variables
+from posebh_jax.errors import CheckpointMismatchError
 from posebh_jax.models.posebh import PoseBHModel
-from posebh_jax.train.checkpoint import CheckpointMismatchError
 
 FORMAT = "posebh-jax converted weights"
 FORMAT_VERSION = 1

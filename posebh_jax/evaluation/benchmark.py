@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from data_pipelines import coco_reader, pipeline, storage
+from data_pipelines import datasets as datasets_lib  # `datasets` names the selection here.
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.evaluation import (coco_metrics, evaluator, hand_metrics, mpii_metrics,
                                    predict)
@@ -134,12 +135,10 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
     EvalSelectionError: an unknown name, a selected dataset without validation annotations,
       `boxes="det"` for a dataset without detections, or an unknown `boxes`.
   """
-  from posebh_jax import experiment  # experiment imports the model; keep this module light.
-
   if boxes not in BOXES:
     raise EvalSelectionError(f"boxes={boxes!r}; expected one of {BOXES}")
   names = tuple(config.data.dataset_names)
-  extra = tuple(config.data.get("eval_datasets", ())) if with_eval_datasets else ()
+  extra = tuple(config.data.eval_datasets) if with_eval_datasets else ()
   if datasets is not None:
     unknown = [n for n in datasets if n not in names + extra]
     if unknown:
@@ -160,7 +159,7 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
                                f"(data.datasets.{name}.val_ann is empty)")
     # Only generated data has the cross-skeleton ground truth of box-normalised PCK; another
     # dataset in a synthetic config is scored by its own format's protocol.
-    metric, kind = metric_for(entry, synthetic and experiment.is_generated(config, name, entry))
+    metric, kind = metric_for(entry, synthetic and datasets_lib.is_generated(config, name, entry))
     det = entry.get("val_det", "")
     if boxes == "gt":
       det = ""
@@ -175,7 +174,7 @@ def dataset_protocols(config: ml_collections.ConfigDict, files: Sequence[Any],
       continue
     entry = config.data.datasets[name]
     d = names.index(entry.predict_with)  # Checked by config_checks.check_eval_datasets.
-    f = experiment.entry_files(config, name)
+    f = datasets_lib.entry_files(config, name)
     metric, kind = metric_for(entry, False)
     det = "" if boxes == "gt" else entry.get("val_det", "")
     if boxes == "det" and not det:
@@ -190,7 +189,7 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
                       ) -> tuple[list[Sequence[dict[str, Any]]], list[Any]]:
   """Validation records of the selected datasets with their protocol's boxes.
 
-  Reads through `experiment.load_records` (annotation files or TFDS, by format) on a copy of the
+  Reads through `datasets_lib.load_records` (annotation files or TFDS, by format) on a copy of the
   config narrowed to the selected datasets, so unselected ones (possibly without files) are
   never opened.
 
@@ -200,8 +199,6 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
     The records' `dataset_index` is their position among the selected datasets: the predictor
     takes the skeleton index explicitly and never reads it.
   """
-  from posebh_jax import experiment  # experiment imports the model; keep this module light.
-
   num_slots = max([layout.num_datasets] + [p.record_slot + 1 for p in protocols])
   if not protocols:
     return [[] for _ in range(num_slots)], []
@@ -212,9 +209,9 @@ def load_eval_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
       sub.data.datasets[p.name].val_det = p.val_det
   sub_layout = SkeletonLayout(tuple(layout.skeletons[p.index] for p in protocols))
   by_name = {f.name: f for f in files}
-  sub_files = [by_name[p.name] if p.slot < 0 else experiment.entry_files(config, p.name)
+  sub_files = [by_name[p.name] if p.slot < 0 else datasets_lib.entry_files(config, p.name)
                for p in protocols]
-  recs, reports = experiment.load_records(sub, sub_layout, sub_files, "val")
+  recs, reports = datasets_lib.load_records(sub, sub_layout, sub_files, "val")
   records: list[Sequence[dict[str, Any]]] = [[] for _ in range(num_slots)]
   for p, r in zip(protocols, recs):
     records[p.record_slot] = r
@@ -267,7 +264,7 @@ class BenchmarkEvaluator:
     self.layout, self.config, self.protocols = layout, config, list(protocols)
     self.val_records = val_records
     ev = config.eval
-    self.flip_test = bool(ev.get("flip_test", False))
+    self.flip_test = bool(ev.flip_test)
     self.predictor = predict.TopDownPredictor(model, td_cfg, batch_size=ev.batch_size,
                                               flip_test=self.flip_test, mesh=mesh)
     pck_idx = {p.index for p in self.protocols if p.metric == "pck_box"}
@@ -388,6 +385,21 @@ def pckh_values(values: Mapping[str, float]) -> tuple[float | None, float | None
   return values.get("approx_head/PCKh"), values.get("approx_head/PCKh@0.1"), True
 
 
+def _pair_table(results: Sequence[evaluator.PairResult], thresholds: Sequence[float]) -> str:
+  """A table: one row per (images, skeleton) pair, PCK at each threshold."""
+  cols = [f"PCK@{t:g}" for t in thresholds]
+  head = f"{'images':<14} {'skeleton':<14} {'n':>5} " + " ".join(f"{c:>9}" for c in cols)
+  head += "   novel keypoints only"
+  lines = [head, "-" * len(head)]
+  for r in results:
+    vals = " ".join(f"{r.pck[f'pck@{t:g}']:>9.3f}" for t in thresholds)
+    nov = ""
+    if r.pck_novel is not None:
+      nov = "   " + " ".join(f"{r.pck_novel[f'pck@{t:g}']:.3f}" for t in thresholds)
+    lines.append(f"{r.images:<14} {r.skeleton:<14} {r.num_instances:>5} {vals}{nov}")
+  return "\n".join(lines)
+
+
 def format_table(results: EvalResults, thresholds: Sequence[float] = (0.05, 0.1)) -> str:
   """Paper-style tables: datasets × (AP AP50 AP75 AR | PCKh PCKh@0.1), WholeBody parts, PCK."""
   lines = []
@@ -425,7 +437,7 @@ def format_table(results: EvalResults, thresholds: Sequence[float] = (0.05, 0.1)
     if lines:
       lines.append("")
     lines.append("PCK normalised by box size:")
-    lines.append(evaluator.format_table(results.pairs, thresholds))
+    lines.append(_pair_table(results.pairs, thresholds))
   return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from data_pipelines import datasets as datasets_lib  # `datasets` names the selection here.
 from data_pipelines import storage
 
 EVAL_CLI_DIR = "eval_cli"  # Under a workdir: posebh-eval's outputs, apart from training's eval/.
@@ -34,7 +35,7 @@ def _prepare(config, workdir: str, datasets, boxes: str):
   from posebh_jax.evaluation import benchmark
   from posebh_jax.train import sharding as sharding_lib
 
-  layout = experiment.build_layout(config)
+  layout = datasets_lib.build_layout(config)
   files = experiment.resolve_dataset_files(config, workdir)
   protocols = benchmark.dataset_protocols(config, files, benchmark.parse_datasets(datasets),
                                           boxes, with_eval_datasets=True)
@@ -47,11 +48,10 @@ def _prepare(config, workdir: str, datasets, boxes: str):
 
 def _evaluate(config, workdir, layout, model, mesh, files, protocols, state, step,
               out_dir: str) -> dict:
-  from posebh_jax import experiment
   from posebh_jax.evaluation import benchmark
   from posebh_jax.train import loop
 
-  td_cfg = experiment.topdown_config(config, layout)
+  td_cfg = datasets_lib.topdown_config(config, layout)
   val_records, reports = benchmark.load_eval_records(config, layout, files, protocols)
   for p, r in zip(protocols, reports):
     logging.getLogger("posebh").info("eval data %s (%s boxes): %s", p.name, p.boxes, r)
@@ -74,24 +74,11 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None, *,
     `loop.evaluate`'s dict: "datasets" (name → metric, boxes, n, values), "results" (PCK
     pairs of synthetic data), "metrics_file".
   """
-  from posebh_jax import experiment
-  from posebh_jax.train import checkpoint as checkpoint_lib
-  from posebh_jax.train import loop
+  from posebh_jax.train import restore
 
-  ckpt_dir = storage.join(storage.absolute(workdir), "checkpoints")  # The workdir may be gs://.
-  if not storage.is_dir(ckpt_dir):  # Check first: the checkpoint manager would create it.
-    raise FileNotFoundError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
+  restore.require_checkpoints(workdir)  # Before the data is read.
   layout, model, mesh, files, protocols = _prepare(config, workdir, datasets, boxes)
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-  if step not in ckpt.all_steps():
-    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory} "
-                            f"(have {ckpt.all_steps()})")
-  _, abstract, _, _ = loop.abstract_train_state(config, model, layout, mesh)
-  state = ckpt.restore(step, abstract, None, experiment.checkpoint_meta(config, layout))
-  ckpt.close()
+  state, step = restore.restore_state(config, workdir, step, mesh)
   out_dir = default_out_dir(workdir, datasets, boxes) if out_dir is None else out_dir
   return _evaluate(config, workdir, layout, model, mesh, files, protocols, state, step, out_dir)
 

@@ -11,14 +11,13 @@ Correct means within `thr · max(box w, box h)` of the ground truth (PCK normali
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import numpy as np
 from jax.sharding import Mesh
 
-from data_pipelines import pipeline, storage
+from data_pipelines import pipeline
 from data_pipelines.skeletons import SkeletonLayout
 from posebh_jax.evaluation import pck, predict
 
@@ -86,32 +85,3 @@ class PCKEvaluator:
           novel_scores[f"pck@{thr:g}"] = float(o)
       results.append(PairResult(self.names[b], self.names[a], len(records), scores, novel_scores))
     return results
-
-
-def format_table(results: Sequence[PairResult], thresholds: Sequence[float]) -> str:
-  """A table: one row per (images, skeleton) pair, PCK at each threshold."""
-  cols = [f"PCK@{t:g}" for t in thresholds]
-  head = f"{'images':<14} {'skeleton':<14} {'n':>5} " + " ".join(f"{c:>9}" for c in cols)
-  head += "   novel keypoints only"
-  lines = [head, "-" * len(head)]
-  for r in results:
-    vals = " ".join(f"{r.pck[f'pck@{t:g}']:>9.3f}" for t in thresholds)
-    nov = ""
-    if r.pck_novel is not None:
-      nov = "   " + " ".join(f"{r.pck_novel[f'pck@{t:g}']:.3f}" for t in thresholds)
-    lines.append(f"{r.images:<14} {r.skeleton:<14} {r.num_instances:>5} {vals}{nov}")
-  return "\n".join(lines)
-
-
-def write_metrics(results: Sequence[PairResult], workdir: str, step: int) -> str:
-  """Writes `<workdir>/eval/metrics_<step>.json` (atomically; local or gs://) and returns its
-  path."""
-  per_dataset = {r.images: dict(num_instances=r.num_instances, **r.pck)
-                 for r in results if r.images == r.skeleton}
-  cross = {f"{r.images}->{r.skeleton}": dict(num_instances=r.num_instances, **r.pck,
-                                             novel=r.pck_novel)
-           for r in results if r.images != r.skeleton}
-  path = storage.join(workdir, "eval", f"metrics_{step}.json")
-  storage.write_text(path, json.dumps(dict(step=step, per_dataset=per_dataset,
-                                           cross_skeleton=cross), indent=2))
-  return path

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from posebh_jax.evaluation.decode import get_max_preds
+from data_pipelines.heatmap_codec import get_max_preds
 
 
 def _calc_distances(preds: np.ndarray, targets: np.ndarray, mask: np.ndarray,

@@ -30,9 +30,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from data_pipelines import pipeline, transforms
-from posebh_jax.evaluation import decode
+from data_pipelines import heatmap_codec
+from posebh_jax.objective.prototypes import prototype_heatmap
 from posebh_jax.train import distributed
-from posebh_jax.prototypes import prototype_heatmap
 
 ROUTES = ("head", "prototypes")
 DARK_KERNEL = 11  # `test_cfg.modulate_kernel` of every PoseBH benchmark (spec §5.1).
@@ -132,9 +132,9 @@ def merge_flipped(dec: SkeletonDecoding, heatmaps: jax.Array, flipped: jax.Array
   Returns:
     `[B, K_a, Hh, Wh]` flip-test heatmaps.
   """
-  flipped = decode.flip_back(flipped, dec.flip_pairs)
+  flipped = heatmap_codec.flip_back(flipped, dec.flip_pairs)
   if dec.shift_heatmap:
-    flipped = decode.shift_heatmap_right(flipped)
+    flipped = heatmap_codec.shift_heatmap_right(flipped)
   return (heatmaps + flipped) * 0.5
 
 
@@ -151,7 +151,7 @@ def heatmaps_to_keypoints(dec: SkeletonDecoding, heatmaps: jax.Array, center: ja
   Returns:
     `[B, K_a, 3]` float32 (x, y, score) in image pixels; score = the raw heatmap maximum.
   """
-  coords, maxvals = decode.decode_heatmaps_jax(heatmaps, center, scale, use_udp=dec.use_udp,
+  coords, maxvals = heatmap_codec.decode_heatmaps_jax(heatmaps, center, scale, use_udp=dec.use_udp,
                                                post_process="default", kernel=DARK_KERNEL)
   return jnp.concatenate([coords, maxvals], axis=-1)
 

@@ -95,9 +95,8 @@ class PoseBHModel(nn.Module):
     Returns:
       `ModelOutputs`.
     """
-    features = ViTMoE(**dataclasses.asdict(self.backbone), dtype=self.dtype,
-                      name="backbone")(images, dataset_index,
-                                       train=train and "backbone" not in frozen)
+    features = ViTMoE(self.backbone, dtype=self.dtype, name="backbone")(
+        images, dataset_index, train=train and "backbone" not in frozen)
     # Head 0 (COCO) always computes in float32: the reference runs it with autocast off
     # (spec §2.6.2, §2.8); heads 1-5 use the compute dtype.
     heatmaps = tuple(
@@ -130,16 +129,3 @@ def tiny_reference_model(**overrides: Any) -> PoseBHModel:
       use_proto_head=True)
   kwargs.update(overrides)
   return PoseBHModel(**kwargs)
-
-
-def vitb_posebh() -> PoseBHModel:
-  """PoseBH-B (spec §1)."""
-  return PoseBHModel(backbone=ViTMoEConfig(), proto_head=ProtoHeadConfig())
-
-
-def vith_posebh() -> PoseBHModel:
-  """PoseBH-H (spec §1)."""
-  return PoseBHModel(
-      backbone=ViTMoEConfig(embed_dim=1280, depth=32, num_heads=16, part_features=320,
-                            drop_path_rate=0.55),
-      proto_head=ProtoHeadConfig())

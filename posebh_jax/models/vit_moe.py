@@ -29,10 +29,20 @@ LN_EPS = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class ViTMoEConfig:
-  """Backbone sizes; field names equal the `ViTMoE` module fields (so `ViTMoE(**asdict(cfg))`).
+  """Backbone sizes (`ViTMoE.config`). Defaults are PoseBH-B (spec §1). ViT-H: embed_dim 1280,
+  depth 32, num_heads 16, part_features 320, drop_path_rate 0.55.
 
-  Defaults are PoseBH-B (spec §1). ViT-H: embed_dim 1280, depth 32, num_heads 16,
-  part_features 320, drop_path_rate 0.55.
+  Attributes:
+    img_size: (H, W) input size; fixes the position-embedding grid.
+    patch_size: patch-embedding kernel and stride.
+    patch_padding: zero padding of the patch-embedding conv on every side (2 in PoseBH).
+    embed_dim: token width D.
+    depth: number of blocks.
+    num_heads: attention heads.
+    mlp_ratio: FFN hidden width / D.
+    part_features: P, output channels of each expert (the shared fc2 gives D - P).
+    num_experts: number of experts (one per training dataset).
+    drop_path_rate: stochastic depth of the last block; block i uses linspace(0, rate, depth)[i].
   """
   img_size: tuple[int, int] = (256, 192)
   patch_size: int = 16
@@ -184,28 +194,11 @@ class ViTMoE(nn.Module):
   """ViTPose++ backbone with per-dataset MoE experts (spec §2.1).
 
   Attributes:
-    img_size: (H, W) input size; fixes the position-embedding grid.
-    patch_size: patch-embedding kernel and stride.
-    patch_padding: zero padding of the patch-embedding conv on every side (2 in PoseBH).
-    embed_dim: token width D.
-    depth: number of blocks.
-    num_heads: attention heads.
-    mlp_ratio: FFN hidden width / D.
-    part_features: P, output channels of each expert (the shared fc2 gives D - P).
-    num_experts: number of experts (one per training dataset).
-    drop_path_rate: stochastic depth of the last block; block i uses linspace(0, rate, depth)[i].
+    config: the backbone's sizes (`ViTMoEConfig`: the one field list, from `config.model` by
+      `experiment.build_model`).
     dtype: compute dtype of convs/matmuls; params are always float32.
   """
-  img_size: tuple[int, int] = (256, 192)
-  patch_size: int = 16
-  patch_padding: int = 2
-  embed_dim: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
-  part_features: int = 192
-  num_experts: int = 6
-  drop_path_rate: float = 0.3
+  config: ViTMoEConfig = ViTMoEConfig()
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -221,8 +214,9 @@ class ViTMoE(nn.Module):
     Returns:
       Feature map `[B, Hp, Wp, D]` float32 (16x12 for 256x192 inputs), after `last_norm`.
     """
-    hp, wp = grid_size(self.img_size, self.patch_size, self.patch_padding)
-    x = PatchEmbed(self.embed_dim, self.patch_size, self.patch_padding, dtype=self.dtype,
+    c = self.config
+    hp, wp = grid_size(c.img_size, c.patch_size, c.patch_padding)
+    x = PatchEmbed(c.embed_dim, c.patch_size, c.patch_padding, dtype=self.dtype,
                    name="patch_embed")(images.astype(self.dtype))
     # The residual stream stays float32 (as under PyTorch autocast, where fp16 branch outputs
     # are added to fp32 activations); only the matmuls/convs run in `dtype`.
@@ -230,14 +224,14 @@ class ViTMoE(nn.Module):
     b, h, w, d = x.shape
     if (h, w) != (hp, wp):
       raise ValueError(f"input {images.shape[1:3]} gives a {h}x{w} token grid, "
-                       f"expected {hp}x{wp} for img_size {self.img_size}")
+                       f"expected {hp}x{wp} for img_size {c.img_size}")
     x = x.reshape(b, h * w, d)  # Row-major (h, w) token order, as PyTorch's flatten(2).
     pos_embed = self.param("pos_embed", _dense_init, (1, 1 + h * w, d), jnp.float32)
     # The reference keeps a "cls" slot but no cls token: that slot is added to every token.
     x = x + (pos_embed[:, 1:] + pos_embed[:, :1])
-    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_ratio, self.part_features, self.num_experts,
+    rates = np.linspace(0.0, c.drop_path_rate, c.depth)
+    for i in range(c.depth):
+      x = Block(c.num_heads, c.mlp_ratio, c.part_features, c.num_experts,
                 float(rates[i]), dtype=self.dtype, name=f"blocks_{i}")(x, dataset_index, train)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
                      name="last_norm")(x)

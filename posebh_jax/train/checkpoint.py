@@ -38,16 +38,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from data_pipelines import storage
+from posebh_jax.errors import CheckpointDamagedError, CheckpointMismatchError
 
 log = logging.getLogger("posebh")
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that does not belong to this config's model."""
-
-
-class CheckpointDamagedError(RuntimeError):
-  """A checkpoint that cannot be restored as saved (unreadable, or its digest differs)."""
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

@@ -8,11 +8,12 @@ since the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -20,12 +21,13 @@ import numpy as np
 import tqdm
 from tqdm.contrib import logging as tqdm_logging
 
-from data_pipelines import device_targets, pipeline, storage
+from data_pipelines import datasets, device_targets, pipeline, storage
 from posebh_jax import experiment
 from posebh_jax.evaluation import benchmark
+from posebh_jax.objective import clustering
+from posebh_jax.objective.objective import ObjectiveConfig
 from posebh_jax.train import checkpoint as checkpoint_lib
 from posebh_jax.train import distributed, metrics_log
-from posebh_jax.train import objective
 from posebh_jax.train import optimizer as optimizer_lib
 from posebh_jax.train import schedule as schedule_lib
 from posebh_jax.train import sharding as sharding_lib
@@ -66,26 +68,27 @@ def count_skipped_images(local_batch: dict[str, np.ndarray], seen: int, limit: i
   return seen
 
 
-def step_config(config: ml_collections.ConfigDict, layout) -> step_lib.StepConfig:
+def step_config(config: ml_collections.ConfigDict, layout) -> ObjectiveConfig:
   """The first stage's static step settings (see `stage_config` for later stages)."""
   loss, proto = config.loss, config.model.proto
-  return step_lib.StepConfig(
+  return ObjectiveConfig(
       num_keypoints=tuple(layout.num_keypoints), heatmap_weight=loss.heatmap_weight,
       use_proto_head=bool(config.model.use_proto_head), proto_weight=loss.proto_weight,
       ppc_weight=loss.ppc_weight, ppd_weight=loss.ppd_weight, phm_weight=loss.phm_weight,
-      proto_gamma=proto.gamma, sinkhorn_epsilon=proto.sinkhorn_epsilon,
+      gamma=proto.gamma, sinkhorn_epsilon=proto.sinkhorn_epsilon,
       sinkhorn_iterations=proto.sinkhorn_iterations, gumbel=bool(proto.gumbel),
       sample_threshold=proto.sample_threshold, cps_weight=loss.cps_weight,
       css_weight=loss.css_weight, css_conf_thr=loss.css_conf_thr,
       css_match_dist=loss.css_match_dist, css_sigma=loss.css_sigma,
       css_dark_kernel=loss.css_dark_kernel,
-      compat=schedule_lib.step_compat(config))
+      compat=schedule_lib.reference_compat(config))
 
 
-def stage_config(config: ml_collections.ConfigDict, base: step_lib.StepConfig,
-                 step: int) -> step_lib.StepConfig:
-  """The step's loss settings in force at optimizer step `step` (spec §3.2 stage schedule)."""
-  stage = schedule_lib.stage_at(config, step)
+def stage_config(config: ml_collections.ConfigDict, base: ObjectiveConfig,
+                 step: int, stage: schedule_lib.Stage | None = None) -> ObjectiveConfig:
+  """The step's loss settings in force at optimizer step `step` (spec §3.2 stage schedule;
+  `stage`: that step's, if the caller has it)."""
+  stage = schedule_lib.stage_at(config, step) if stage is None else stage
   return dataclasses.replace(base, update_prototypes=stage.update_prototypes, cps=stage.cps,
                              css=stage.css)
 
@@ -111,12 +114,12 @@ def abstract_train_state(config: ml_collections.ConfigDict, model, layout, mesh)
   Returns:
     (init_fn, abstract state whose leaves carry their shardings, shardings, optimizer).
   """
+  proto = config.model.proto
   init_fn = state_lib.make_init_fn(
       model, lambda p: optimizer_lib.make_optimizer(config, p),
       image_size_hw=tuple(config.data.image_size),
-      num_prototype_keypoints=layout.total_keypoints,
-      num_in_class=config.model.proto.num_in_class, embed_dim=config.model.proto.out_channels,
-      num_clusters=config.model.proto.num_clusters)
+      num_prototype_keypoints=layout.total_keypoints, num_in_class=proto.num_in_class,
+      out_channels=proto.out_channels, num_clusters=proto.num_clusters)
   abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
   shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   abstract = jax.tree_util.tree_map(
@@ -177,8 +180,8 @@ def cluster_state(config: ml_collections.ConfigDict, state, state_shardings):
   and one resumed after it restores the table from its checkpoint.
   """
   p = config.model.proto
-  compat = schedule_lib.step_compat(config)
-  table, keypoint = objective.init_clusters(
+  compat = schedule_lib.reference_compat(config)
+  table, keypoint = clustering.init_clusters(
       state.prototypes, p.num_clusters, iterations=p.cluster_iterations, beta=p.cluster_beta,
       compat=compat)
   # Deterministic float64 host clustering: every process computed the same table.
@@ -202,13 +205,14 @@ class StageSteps:
     self._targets = targets  # device_targets.TargetSpec of compact batches (None: host targets).
     self._mesh, self._shardings = mesh, state_shardings
     self._base = step_config(config, layout)
+    # Every stage of the run, once: a step only looks its stage up.
+    self.schedule = schedule_lib.StageSchedule.from_config(config, tx.groups)
     self.compiled: dict[tuple, Any] = {}
     self.flops: dict[tuple, float | None] = {}
 
-  def stage(self, step: int) -> tuple[step_lib.StepConfig, tuple[str, ...]]:
-    cfg = stage_config(self._config, self._base, step)
-    trainable = schedule_lib.stage_at(self._config, step, self._tx.groups).trainable
-    return cfg, trainable
+  def stage(self, step: int) -> tuple[ObjectiveConfig, tuple[str, ...]]:
+    stage = self.schedule.at(step)
+    return stage_config(self._config, self._base, step, stage), stage.trainable
 
   def run(self, step: int, state, batch):
     """Runs step `step` (compiling its stage first if new). → (state, metrics)."""
@@ -231,16 +235,17 @@ class StageSteps:
     return self.flops.get(self.stage(step))
 
 
-def enter_step(config: ml_collections.ConfigDict, state, step: int, tx, state_shardings):
+def enter_step(config: ml_collections.ConfigDict, state, step: int, tx, state_shardings,
+               stages: schedule_lib.StageSchedule):
   """Stage changes that touch the state, at the start of `step` (before its update).
 
   Clusters the prototypes where CPS starts; restarts the Adam state of groups thawed at this
-  step. Both are functions of the step and of state that a checkpoint holds, so a run resumed
-  at any step does exactly what an uninterrupted run does.
+  step (`stages`: the run's stage schedule). Both are functions of the step and of state that a
+  checkpoint holds, so a run resumed at any step does exactly what an uninterrupted run does.
   """
   if config.model.use_proto_head and step == config.schedule.cps_start_step:
     state = cluster_state(config, state, state_shardings)
-  thawed = schedule_lib.thawed_at(config, step, tx.groups)
+  thawed = stages.thawed_at(step)
   if thawed:
     log.info("step %d: thawing %s (fresh Adam state)", step, ", ".join(thawed))
     reset = jax.jit(lambda o: tx.reset_groups(o, thawed), out_shardings=state_shardings.opt_state,
@@ -294,7 +299,7 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
   Takes effect for compilations after the call (JAX initialises the cache at the first one):
   the CLI calls it before anything compiles.
   """
-  where = config.train.get("compilation_cache", "")
+  where = config.train.compilation_cache
   if not where:
     return None
   if where == "auto":
@@ -309,8 +314,8 @@ class StepProfiler:
   into <workdir>/profile (off when the start step is -1, or before it on a resumed run)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.start = int(config.train.get("profile_start_step", -1))
-    self.stop = self.start + max(1, int(config.train.get("profile_num_steps", 3)))
+    self.start = int(config.train.profile_start_step)
+    self.stop = self.start + max(1, int(config.train.profile_num_steps))
     self.directory = storage.join(workdir, "profile")
     self.active = False
 
@@ -335,32 +340,67 @@ def _is_writer() -> bool:
   return jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def progress_bar(start_step: int, num_steps: int) -> Iterator[tqdm.tqdm]:
+  """A tqdm bar over the steps (process 0 only), with the log lines redirected above it instead
+  of being glued to its line."""
+  with tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
+                 disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True) as bar:
+    with tqdm_logging.logging_redirect_tqdm(loggers=[log]):
+      yield bar
+
+
+def save_and_stop(step: int, state, data_iter, meta, ckpt: checkpoint_lib.Checkpointer) -> None:
+  """The stop on preemption or SIGTERM at `step`: checkpoint (unless one exists), wait, say so."""
+  if ckpt.latest_step() != step:
+    ckpt.save(step, state, data_iter, meta, force=True)
+  ckpt.wait()
+  msg = (f"posebh-train: stopped at step {step} (preemption/SIGTERM); checkpoint saved in "
+         f"{ckpt.directory}; rerun the same command to resume")
+  log.warning(msg)
+  print(msg, flush=True)
+
+
+def log_metrics(metrics, *, steps: int, elapsed: float, batch_size: int,
+                flops: float | None) -> dict[str, float]:
+  """A log step's metrics on the host: the step's scalars (learning rate included) plus
+  images/s and MFU over the `steps` steps since the last log."""
+  out = {k: float(v) for k, v in jax.device_get(metrics).items()
+         if not k.startswith("finite")}  # Always 1 here: checked before.
+  out["images_per_second"] = steps * batch_size / elapsed
+  utilisation = throughput.mfu(flops, elapsed / steps)
+  if utilisation is not None:
+    out["mfu"] = utilisation
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains for `config.train.num_steps` (resuming from `workdir` if possible), then evaluates.
 
   Returns:
     {"step": final step, "train": last logged train metrics, "eval": evaluation results}.
   """
+  # ==== Workdir ===================================================================================
   # Never os.path on the workdir: it may be a URL (gs://bucket/run), used as it is.
   workdir = storage.absolute(workdir)
   storage.makedirs(workdir)
   t_start = time.time()
   enable_compilation_cache(config, workdir)
 
-  # --- Layout, model ------------------------------------------------------------------------------
-  layout = experiment.build_layout(config)
+  # ==== Layout, model =============================================================================
+  layout = datasets.build_layout(config)
   validate_config(config, layout)
   model = experiment.build_model(config, layout)
-  td_cfg = experiment.topdown_config(config, layout)
+  td_cfg = datasets.topdown_config(config, layout)
 
-  # --- Data -----------------------------------------------------------------------------------------
+  # ==== Data: records ============================================================================
   files = experiment.resolve_dataset_files(config, workdir)
-  train_records, reports = experiment.load_records(config, layout, files, "train")
-  val_records, val_reports = experiment.load_records(config, layout, files, "val")
+  train_records, reports = datasets.load_records(config, layout, files, "train")
+  val_records, val_reports = datasets.load_records(config, layout, files, "val")
   for r in reports + val_reports:
     log.info("data: %s", r)
 
-  # --- Mesh, state -------------------------------------------------------------------------------
+  # ==== Mesh, state ===============================================================================
   mesh = sharding_lib.make_mesh(config.mesh)
   per_host_batch = sharding_lib.check_batch_size(config.train.batch_size, mesh)
   state, abstract_state, state_shardings, tx = create_train_state(config, model, layout, mesh)
@@ -368,7 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info("model: %.2fM parameters; mesh %s; global batch %d", n_params / 1e6,
            dict(mesh.shape), config.train.batch_size)
 
-  weights = experiment.train_weights(config)  # 0 for evaluation-only datasets.
+  # ==== Data: input pipeline =====================================================================
+  weights = datasets.train_weights(config)  # 0 for evaluation-only datasets.
   # Every host computes the same global sample stream and materialises only its rows of each
   # global batch: the batches do not depend on the process count.
   rows = pipeline.host_batch_rows(config.train.batch_size, mesh)
@@ -376,12 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipeline.mixed_train_dataset(
       train_records, weights, td_cfg, batch_size=config.train.batch_size, seed=config.seed,
       rows=rows)
-  num_workers = experiment.num_input_workers(config)
+  num_workers = datasets.num_input_workers(config)
   log.info("data: %d input worker process(es) per host", num_workers)
   data_iter = pipeline.make_iterator(dataset, num_workers=num_workers,
                                      prefetch=config.data.prefetch)
 
-  # --- Checkpoint / resume --------------------------------------------------------------------
+  # ==== Checkpoint / resume =======================================================================
   # Hosts reach this point minutes apart under load; the checkpoint manager's first collective
   # (gloo on CPU) waits only 30 s for its peers: line them up at a barrier that waits long.
   distributed.barrier("checkpointer")
@@ -396,10 +437,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_from_weights(config, state, model, layout, state_shardings)
   start_step = int(jax.device_get(state.step))
 
-  # --- Step (one compiled function per stage) ----------------------------------------------
+  # ==== Step: one compiled function per stage =====================================================
   step_fn = StageSteps(config, layout, model, tx, mesh, state_shardings,
                        targets=device_targets.TargetSpec.from_topdown(td_cfg))
 
+  # ==== Writers (process 0) =======================================================================
   writer = train_log = None
   if _is_writer():
     import tensorboardX  # Imported lazily: only process 0 writes events.
@@ -407,14 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = tensorboardX.SummaryWriter(storage.join(workdir, "tensorboard"))
     train_log = metrics_log.TrainMetricsLog(workdir, start_step)
 
-  # --- Loop ---------------------------------------------------------------------------------------
+  # ==== Loop ======================================================================================
   # Every step's finiteness flag is read after the NEXT step has been dispatched, so the host
-  # never waits on the device for it; before a checkpoint the current step's flag is read, so a
-  # checkpoint never holds a non-finite state.
+  # never waits on the device for it; before a checkpoint, an evaluation, a log line or a stop
+  # the current step's flag is read, so none of them ever sees a non-finite state.
   num_steps = config.train.num_steps
   last_metrics: dict[str, float] = {}
-  bar = tqdm.tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
-                  disable=not _is_writer(), mininterval=2.0, dynamic_ncols=True)
   t_log, steps_since_log = time.time(), 0
   preemption = checkpoint_lib.PreemptionWatch(ckpt)
   signal_stop = distributed.SignalStop()  # Multi-process SIGTERM without the preemption service.
@@ -422,71 +462,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending = None  # (step count, metrics) whose finiteness is not checked yet.
   evaluator = None  # Built at the first evaluation; its predict functions compile once.
   stopped_at = None
-  bad_images, max_bad_images = 0, int(config.data.get("max_bad_images", 100))
-  # Log lines go above the progress bar instead of being glued to its line.
-  redirect = tqdm_logging.logging_redirect_tqdm(loggers=[log])
-  redirect.__enter__()
+  bad_images, max_bad_images = 0, int(config.data.max_bad_images)
   try:
-    for step in range(start_step, num_steps):
-      if preemption.should_stop(step) or signal_stop.should_stop(step):
+    with progress_bar(start_step, num_steps) as bar:
+      for step in range(start_step, num_steps):
+        # -- Stop on preemption / SIGTERM --
+        if preemption.should_stop(step) or signal_stop.should_stop(step):
+          check_finite(pending, ckpt)
+          pending = None
+          save_and_stop(step, state, data_iter, meta, ckpt)
+          stopped_at = step
+          break
+        # -- One step --
+        state = enter_step(config, state, step, tx, state_shardings, step_fn.schedule)
+        local_batch = next(data_iter)
+        bad_images = count_skipped_images(local_batch, bad_images, max_bad_images, step)
+        batch = pipeline.to_global_batch(local_batch, mesh)
+        profiler.before(step)
+        state, metrics = step_fn.run(step, state, batch)
+        profiler.after(step, state)
         check_finite(pending, ckpt)
-        pending = None
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state, data_iter, meta, force=True)
-        ckpt.wait()
-        msg = (f"posebh-train: stopped at step {step} (preemption/SIGTERM); checkpoint saved "
-               f"in {ckpt.directory}; rerun the same command to resume")
-        log.warning(msg)
-        print(msg, flush=True)
-        stopped_at = step
-        break
-      state = enter_step(config, state, step, tx, state_shardings)
-      local_batch = next(data_iter)
-      bad_images = count_skipped_images(local_batch, bad_images, max_bad_images, step)
-      batch = pipeline.to_global_batch(local_batch, mesh)
-      profiler.before(step)
-      state, metrics = step_fn.run(step, state, batch)
-      profiler.after(step, state)
+        done = step + 1
+        pending = (done, metrics)
+        steps_since_log += 1
+        bar.update(1)
+        # -- Log --
+        if done % config.train.log_every == 0 or done == num_steps:
+          check_finite(pending, ckpt)
+          pending = None
+          last_metrics = log_metrics(metrics, steps=steps_since_log,
+                                     elapsed=time.time() - t_log,
+                                     batch_size=config.train.batch_size,
+                                     flops=step_fn.flops_at(step))
+          t_log, steps_since_log = time.time(), 0
+          bar.set_postfix(loss=f"{last_metrics['loss/total']:.3g}")
+          if writer is not None:
+            write_train_metrics(writer, train_log, done, last_metrics)
+        # -- Checkpoint --
+        if done % config.train.checkpoint_every == 0 or done == num_steps:
+          check_finite(pending, ckpt)
+          pending = None
+          ckpt.save(done, state, data_iter, meta)
+        # -- Periodic evaluation --
+        if eval_due(config, done):
+          check_finite(pending, ckpt)
+          pending = None
+          evaluator = evaluator or make_evaluator(config, workdir, model, layout, td_cfg, mesh,
+                                                  val_records, files=files)
+          evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, done,
+                   writer, evaluator=evaluator)
       check_finite(pending, ckpt)
-      done = step + 1
-      pending = (done, metrics)
-      steps_since_log += 1
-      bar.update(1)
-      if done % config.train.log_every == 0 or done == num_steps:
-        check_finite(pending, ckpt)
-        pending = None
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()
-                   if not k.startswith("finite")}  # Always 1 here: checked above.
-        elapsed = time.time() - t_log
-        metrics["images_per_second"] = steps_since_log * config.train.batch_size / elapsed
-        utilisation = throughput.mfu(step_fn.flops_at(step), elapsed / steps_since_log)
-        if utilisation is not None:
-          metrics["mfu"] = utilisation
-        metrics["learning_rate"] = float(optimizer_lib.learning_rate_schedule(config.train)(step))
-        t_log, steps_since_log = time.time(), 0
-        last_metrics = metrics
-        bar.set_postfix(loss=f"{metrics['loss/total']:.3g}")
-        if writer is not None:
-          write_train_metrics(writer, train_log, done, metrics)
-      if done % config.train.checkpoint_every == 0 or done == num_steps:
-        check_finite(pending, ckpt)
-        pending = None
-        ckpt.save(done, state, data_iter, meta)
-      if eval_due(config, done):
-        check_finite(pending, ckpt)
-        pending = None
-        evaluator = evaluator or make_evaluator(config, workdir, model, layout, td_cfg, mesh,
-                                                val_records, files=files)
-        evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state, done, writer,
-                 evaluator=evaluator)
-    check_finite(pending, ckpt)
   except BaseException:
     if writer is not None:
       writer.close()  # Explicitly: tensorboardX would re-upload gs:// events at interpreter exit.
     raise
   finally:
-    redirect.__exit__(None, None, None)
-    bar.close()
     preemption.close()
     signal_stop.close()
     profiler.close()
@@ -498,7 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return dict(step=stopped_at, train=last_metrics, eval={}, preempted=True)
   log.info("training done at step %d (%.0f s since start)", num_steps, time.time() - t_start)
 
-  # --- Evaluation ------------------------------------------------------------------------------
+  # ==== Evaluation ================================================================================
   eval_out: dict[str, Any] = {}
   if config.train.eval_at_end:
     eval_out = evaluate(config, workdir, model, layout, td_cfg, mesh, val_records, state,
@@ -563,6 +593,6 @@ def make_evaluator(config, workdir, model, layout, td_cfg, mesh, val_records, *,
 def eval_due(config: ml_collections.ConfigDict, done: int) -> bool:
   """Whether the periodic evaluation (`train.eval_every` steps; -1 off) runs after `done`
   steps; the last step is left to `train.eval_at_end` when that is on."""
-  every = config.train.get("eval_every", -1)
+  every = config.train.eval_every
   last = done == config.train.num_steps and config.train.eval_at_end
   return every > 0 and done % every == 0 and not last

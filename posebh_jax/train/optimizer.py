@@ -98,22 +98,22 @@ def weight_decay_mask(params: Params) -> Params:
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """lr at a global step: linear warmup from `warmup_ratio · lr` over `warmup_steps`, then decay.
 
-  `train.schedule`: "step" (×`decay_factor` from each of `decay_steps` on; the reference: ×0.1
+  `train.lr_schedule`: "step" (×`decay_factor` from each of `decay_steps` on; the reference: ×0.1
   at epochs 50 and 90), "cosine" (to 0 at `num_steps`) or "constant".
   """
   warmup = max(int(train.warmup_steps), 1)
   lr, ratio = float(train.learning_rate), float(train.warmup_ratio)
-  if train.schedule == "cosine":
+  if train.lr_schedule == "cosine":
     decay = optax.cosine_decay_schedule(lr, max(train.num_steps - warmup, 1))
     start = optax.linear_schedule(lr * ratio, lr, warmup)
     return optax.join_schedules([start, decay], [warmup])
-  if train.schedule == "step":
+  if train.lr_schedule == "step":
     regular = optax.piecewise_constant_schedule(
         lr, {int(s): float(train.decay_factor) for s in train.decay_steps})
-  elif train.schedule == "constant":
+  elif train.lr_schedule == "constant":
     regular = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"unknown train.schedule {train.schedule!r}; use 'step', 'cosine' or "
+    raise ValueError(f"unknown train.lr_schedule {train.lr_schedule!r}; use 'step', 'cosine' or "
                      "'constant'")
 
   def schedule(step):
@@ -170,7 +170,8 @@ class LayerDecayAdamW:
       trainable: the groups to update (static).
 
     Returns:
-      (new params, new optimizer state, {"grad_norm": pre-clip norm, "clip_scale"}).
+      (new params, new optimizer state, {"grad_norm": pre-clip norm, "clip_scale",
+      "learning_rate": the step's base learning rate, before layer decay}).
     """
     g_groups = split_groups(grads) if grads else {}
     if set(g_groups) != set(trainable):
@@ -191,7 +192,8 @@ class LayerDecayAdamW:
         return (p - (lr * scale) * delta).astype(p.dtype)
       p_groups[g] = jax.tree_util.tree_map(apply, p_groups[g], u, self._scale[g],
                                            self._decays[g])
-    return merge_groups(p_groups), new_state, {"grad_norm": norm, "clip_scale": clip}
+    return merge_groups(p_groups), new_state, {"grad_norm": norm, "clip_scale": clip,
+                                               "learning_rate": lr}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Params) -> LayerDecayAdamW:

@@ -3,7 +3,8 @@
 The config declares everything in optimizer steps (`configs/common.py:epochs` converts):
 
   schedule.freeze_hooks.<group>  the reference's freeze-hook lists for `backbone`, `heads`,
-                                 `proto_head`, e.g. ("freeze,0", "freeze,73000", "thaw,131400")
+                                 `proto_head`, e.g.
+                                 (("freeze", 0), ("freeze", 73000), ("thaw", 131400))
   schedule.proto_freeze_step     keypoint prototypes stop their EMA (ProtoFreezeHook)
   schedule.cps_start_step        prototypes are clustered, CPS loss on (CPSInitHook)
   schedule.css_start_step        cross-type self-supervision on (CSSEnableHook)
@@ -11,25 +12,24 @@ The config declares everything in optimizer steps (`configs/common.py:epochs` co
 Events at the same step apply in list order, each at the start of its step. Hook bookkeeping:
 intended, 'freeze' freezes and 'thaw' thaws. With `reference_compat.freeze_hook_bookkeeping`
 (spec §6.8) the reference's: 'freeze' of an already-frozen group marks it non-learnable forever,
-so ViT-B's ("freeze,0", "freeze,50 ep", "thaw,90 ep") never trains the backbone.
+so ViT-B's (("freeze", 0), ("freeze", 50 ep), ("thaw", 90 ep)) never trains the backbone.
 
 A `Stage` is static (hashable): the loop compiles one train step per distinct stage. It is a
 pure function of the step, so a run resumed anywhere is in the same stage as an uninterrupted one.
+`StageSchedule` computes every stage of a run once (at its boundaries); the loop looks steps up
+in it instead of re-deriving the stage from the config every step.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from typing import Sequence
 
 import ml_collections
 
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective.compat import ReferenceCompat
 from posebh_jax.train.optimizer import GROUPS
-
-# The one compat flag that acts on the schedule, not on the step (spec §6.8).
-SCHEDULE_COMPAT_FLAG = "freeze_hook_bookkeeping"
-
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -47,15 +47,17 @@ class Stage:
   css: bool
 
 
-def parse_events(events: Sequence[str], where: str) -> list[tuple[str, int]]:
-  """("freeze,0", "thaw,50") → [("freeze", 0), ("thaw", 50)]; a bad entry names `where`."""
+def parse_events(events: Sequence[Sequence], where: str) -> list[tuple[str, int]]:
+  """(("freeze", 0), ("thaw", 50)) → [("freeze", 0), ("thaw", 50)], checked; a bad entry names
+  `where`."""
   out = []
   for e in events:
-    action, _, step = str(e).partition(",")
-    if action.strip() not in ("freeze", "thaw") or not step.strip().lstrip("-").isdigit():
-      raise ValueError(f"{where}: bad freeze-hook event {e!r}; expected 'freeze,<step>' or "
-                       "'thaw,<step>'")
-    out.append((action.strip(), int(step)))
+    ok = (isinstance(e, (tuple, list)) and len(e) == 2 and e[0] in ("freeze", "thaw")
+          and isinstance(e[1], int) and not isinstance(e[1], bool))
+    if not ok:
+      raise ValueError(f"{where}: bad freeze-hook event {e!r}; expected ('freeze', <step>) or "
+                       "('thaw', <step>)")
+    out.append((str(e[0]), int(e[1])))
   return out
 
 
@@ -75,15 +77,9 @@ def group_trainable(events: Sequence[tuple[str, int]], step: int, *,
   return trainable
 
 
-def schedule_compat(config: ml_collections.ConfigDict) -> bool:
-  return ReferenceCompat.from_mapping(config.reference_compat).freeze_hook_bookkeeping
-
-
-def step_compat(config: ml_collections.ConfigDict) -> ReferenceCompat:
-  """The step's compat flags: `reference_compat` without the schedule's own flag."""
-  flags = {k: v for k, v in config.reference_compat.to_dict().items()
-           if k != SCHEDULE_COMPAT_FLAG}
-  return ReferenceCompat.from_mapping(flags)
+def reference_compat(config: ml_collections.ConfigDict) -> ReferenceCompat:
+  """`config.reference_compat` as the one `ReferenceCompat` (unknown names raise)."""
+  return ReferenceCompat.from_mapping(config.reference_compat.to_dict())
 
 
 def _started(start: int, step: int) -> bool:
@@ -94,8 +90,8 @@ def stage_at(config: ml_collections.ConfigDict, step: int, groups: Sequence[str]
              ) -> Stage:
   """The stage in force at optimizer step `step` (`groups`: those the model has)."""
   s = config.schedule
-  compat = schedule_compat(config)
-  hooks = s.get("freeze_hooks", ml_collections.ConfigDict())
+  compat = reference_compat(config).freeze_hook_bookkeeping
+  hooks = s.freeze_hooks
   for name in hooks:
     if name not in GROUPS:
       raise ValueError(f"schedule.freeze_hooks.{name}: unknown group; known: {GROUPS}")
@@ -124,10 +120,39 @@ def stage_boundaries(config: ml_collections.ConfigDict, groups: Sequence[str] = 
   """Steps in [0, num_steps) where the stage differs from the previous step's (0 included)."""
   s = config.schedule
   candidates = {0, s.proto_freeze_step, s.cps_start_step, s.css_start_step}
-  for g in s.get("freeze_hooks", {}):
+  for g in s.freeze_hooks:
     candidates.update(at for _, at in parse_events(s.freeze_hooks[g], f"schedule.freeze_hooks.{g}"))
   out = []
   for c in sorted(x for x in candidates if 0 <= x < config.train.num_steps):
     if c == 0 or stage_at(config, c, groups) != stage_at(config, c - 1, groups):
       out.append(c)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSchedule:
+  """Every stage of a run, computed once from the config.
+
+  Attributes:
+    boundaries: the steps where the stage changes (`stage_boundaries`, 0 first), ascending.
+    stages: the stage in force from each boundary on.
+  """
+  boundaries: tuple[int, ...]
+  stages: tuple[Stage, ...]
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, groups: Sequence[str] = GROUPS
+                  ) -> "StageSchedule":
+    bounds = tuple(stage_boundaries(config, groups))
+    return cls(bounds, tuple(stage_at(config, b, groups) for b in bounds))
+
+  def at(self, step: int) -> Stage:
+    """The stage in force at optimizer step `step` (= `stage_at(config, step, groups)`)."""
+    return self.stages[max(0, bisect.bisect_right(self.boundaries, step) - 1)]
+
+  def thawed_at(self, step: int) -> tuple[str, ...]:
+    """Groups that train at `step` but did not at `step − 1` (= `thawed_at(config, step)`)."""
+    if step <= 0 or step not in self.boundaries:
+      return ()
+    before = set(self.at(step - 1).trainable)
+    return tuple(g for g in self.at(step).trainable if g not in before)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+from data_pipelines import pipeline
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -46,22 +46,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                      f"{len(processes)} processes (mesh.data=-1 fills them)")
   # Explicit `Auto` axis types: the classic automatic (GSPMD) partitioning (make_mesh defaults
   # to explicit axes in this JAX version).
-  return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+  return jax.make_mesh((data, fsdp), pipeline.BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices[:n])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """THE batch sharding: leading (batch) axis split over every device (`data` × `fsdp`; a plain
-  ('data',) mesh works too), everything else replicated.
-
-  Used both to place the batch (`pipeline.to_global_batch`, `pipeline.host_batch_rows`) and to
-  compute on it (`step.make_train_step`), so every row a host feeds reaches the loss exactly once.
-  """
-  return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int, min_size: int) -> P:

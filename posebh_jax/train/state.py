@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from posebh_jax import prototypes as proto_lib
+from posebh_jax.objective import prototypes as proto_lib
 
 
 @flax.struct.dataclass
@@ -50,13 +50,15 @@ def make_init_fn(
     image_size_hw: tuple[int, int],
     num_prototype_keypoints: int,
     num_in_class: int,
-    embed_dim: int,
+    out_channels: int,
     num_clusters: int,
 ) -> Callable[[jax.Array], TrainState]:
   """Returns `init(rng) -> TrainState`, meant for `jax.jit(init, out_shardings=...)`.
 
   Shapes come from `jax.eval_shape(init, rng)`, shardings are derived from them, and then the
   state is created directly in its sharded layout, never materialised on one device first.
+  `num_in_class`, `out_channels` (the prototype embedding E) and `num_clusters` are
+  `config.model.proto`'s fields of those names.
   """
   def init(rng: jax.Array) -> TrainState:
     params_rng, drop_rng, proto_rng, cluster_rng, state_rng = jax.random.split(rng, 5)
@@ -71,9 +73,9 @@ def make_init_fn(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         prototypes=proto_lib.init_prototypes(proto_rng, num_prototype_keypoints, num_in_class,
-                                             embed_dim),
+                                             out_channels),
         cluster_prototypes=proto_lib.init_prototypes(cluster_rng, num_clusters, num_in_class,
-                                                     embed_dim),
+                                                     out_channels),
         cluster_keypoint=jnp.full((num_clusters,), -1, jnp.int32),
         rng=state_rng,
     )

@@ -5,7 +5,7 @@ inputs and a resumed run replays the same random numbers. `make_train_step` retu
 sharded version: batch split over the mesh's devices, state sharded by
 `sharding.state_shardings` and donated.
 
-The loss terms live in `posebh_jax.train.objective`; this module only differentiates, applies the
+The loss terms live in `posebh_jax.objective.objective`; this module only differentiates, applies the
 optimizer and writes the new non-gradient state (prototypes) back.
 """
 
@@ -20,16 +20,12 @@ import optax
 from jax.sharding import Mesh
 
 from data_pipelines import device_targets, pipeline
+from posebh_jax.objective.objective import ObjectiveConfig, PrototypeState, posebh_objective
 from posebh_jax.train import sharding
-from posebh_jax.train.objective import ObjectiveConfig, PrototypeState, posebh_objective
 from posebh_jax.train.optimizer import LayerDecayAdamW, split_groups
 from posebh_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-
-# The step's static settings are the objective's (kept under the old name for callers).
-StepConfig = ObjectiveConfig
-
 
 def device_inputs(batch: Batch, targets: device_targets.TargetSpec | None) -> Batch:
   """The compact batch (uint8 `image`, crop-space `joints`, `joint_vis`; see
@@ -96,6 +92,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                                        trainable=trainable)
   metrics["grad_norm"] = stats["grad_norm"]  # Trainable groups only, before clipping.
   metrics["param_norm"] = optax.tree.norm(params)
+  # The base learning rate of this step (before layer decay), for the log: read with the other
+  # metrics instead of being rebuilt on the host.
+  metrics["learning_rate"] = stats["learning_rate"]
   for g, lr in tx.group_learning_rates(state.step).items():
     metrics[f"lr/{g}"] = lr if g in trainable else jnp.zeros_like(lr)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -127,7 +126,7 @@ def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
                     targets: device_targets.TargetSpec | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """jit-compiles `train_step` over the mesh: batch split over every device
-  (`sharding.batch_sharding`, the sharding the pipeline places it with), state in
+  (`pipeline.batch_sharding`, the sharding the pipeline places it with), state in
   `state_sharding` and donated (without donation the step's peak memory holds two copies of
   params and moments). `trainable=None`: every group trains; `targets`: the target spec of
   compact batches."""
@@ -137,5 +136,5 @@ def make_train_step(model: nn.Module, tx: LayerDecayAdamW, cfg: ObjectiveConfig,
     return train_step(state, batch, model=model, tx=tx, cfg=cfg, trainable=trainable,
                       targets=targets)
 
-  return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(state_sharding, pipeline.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))

@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax.compat import ReferenceCompat
-from posebh_jax.prototypes import l2_normalize
+from posebh_jax.objective.compat import ReferenceCompat
+from posebh_jax.objective.prototypes import l2_normalize
 
 
 class ProtoLearnResult(NamedTuple):
@@ -163,17 +163,6 @@ def sinkhorn(
   return lmat * count
 
 
-def _momentum(gamma: float, update_weight: float | jax.Array
-              ) -> tuple[float | jax.Array, float | jax.Array]:
-  """(μ, 1 − μ) with `μ = γ if w ≥ 1 else 1 − (1 − γ)·w`, in Python where w is static."""
-  if isinstance(update_weight, (int, float)):
-    mu = gamma if update_weight >= 1.0 else 1.0 - (1.0 - gamma) * update_weight
-    return mu, 1.0 - mu
-  w = jnp.asarray(update_weight, jnp.float32)
-  mu = jnp.where(w >= 1.0, gamma, 1.0 - (1.0 - gamma) * w)
-  return mu, 1.0 - mu
-
-
 def prototype_learning(
     features: jax.Array,
     prototypes: jax.Array,
@@ -185,7 +174,6 @@ def prototype_learning(
     offsets: tuple[int, ...],
     num_keypoints: tuple[int, ...],
     gamma: float = 0.999,
-    update_weight: float | jax.Array = 1.0,
     epsilon: float = 0.05,
     iterations: int = 3,
     gumbel_rng: jax.Array | None = None,
@@ -205,8 +193,8 @@ def prototype_learning(
     valid: [N] bool, the pixel takes part (replaces the reference's boolean indexing).
     offsets: static global id s_d of each dataset's first keypoint.
     num_keypoints: static K_d of each dataset.
-    gamma: EMA momentum at `update_weight ≥ 1`.
-    update_weight: scales the EMA step (momentum `1 − (1 − γ)·w` below 1).
+    gamma: EMA momentum μ of the prototypes (`config.model.proto.gamma`; the reference's
+      `update_weight` is always 1, so μ = γ).
     epsilon: Sinkhorn ε.
     iterations: Sinkhorn iterations.
     gumbel_rng: key for the Gumbel-max EMA assignment; None uses the Sinkhorn argmax (what the
@@ -273,9 +261,8 @@ def prototype_learning(
   cnt = jax.ops.segment_sum(w, seg, num_segments=n_seg)
   sums = sums[:-1].reshape(num_kpts, num_in_class, dim)
   updated = cnt[:-1].reshape(num_kpts, num_in_class) != 0
-  mu, one_minus_mu = _momentum(gamma, update_weight)
   p = l2_normalize(jax.lax.stop_gradient(prototypes).astype(jnp.float32))
-  moved = l2_normalize(mu * p + one_minus_mu * l2_normalize(sums))
+  moved = l2_normalize(gamma * p + (1.0 - gamma) * l2_normalize(sums))
   new = jnp.where(updated[..., None], moved.astype(prototypes.dtype), prototypes)
   return ProtoLearnResult(jax.lax.stop_gradient(new), target, win_start, win_width, w, assign,
                           updated)
@@ -396,15 +383,3 @@ def ppce_loss_by_dataset(
                                                                                 num_datasets)
   denom = jnp.maximum(per_call(valid.astype(jnp.float32)), 1.0)
   return per_call(ce) / denom, per_call(pd) / denom
-
-
-def pixel_prototype_ce(
-    ppc: jax.Array,
-    ppd: jax.Array,
-    *,
-    weight: float = 1.25e-5,
-    ppc_weight: float = 0.01,
-    ppd_weight: float = 0.001,
-) -> jax.Array:
-  """`weight·(ppc_weight·PPC + ppd_weight·PPD)`, elementwise (per dataset for [D] inputs)."""
-  return weight * (ppc_weight * ppc + ppd_weight * ppd)

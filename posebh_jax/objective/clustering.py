@@ -20,22 +20,23 @@ jittable float32 run of the same code.
 
 Reference defects reproduced behind flags (`compat.ReferenceCompat`): `cps_topk_sort` (§6.6,
 `compat_topk` here) and `cps_target_order` (§6.7, `compat_order` in `cluster_targets`). The
-cluster-count criterion (§3.3 step 5) is kept in `select_num_clusters` for reference only: it is
-degenerate (§6.9), so configs use a fixed C (default 96).
+reference's cluster-count criterion (§3.3 step 5) is degenerate (§6.9): configs use a fixed C
+(default 96, the reference's `cp_size`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Sequence
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posebh_jax.prototypes import l2_normalize
+from posebh_jax.objective.compat import ReferenceCompat
+from posebh_jax.objective.prototypes import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # No bf16/TF32 passes on TPU/GPU: cosines must be f32-exact.
 
@@ -168,54 +169,6 @@ def cluster_prototypes(
   return jax.tree.map(jnp.asarray, out)
 
 
-def select_num_clusters(
-    prototypes: jax.Array,
-    options: Sequence[int] = (64, 96, 128),
-    *,
-    iterations: int = 500,
-    beta: float = 20.0,
-) -> tuple[int, dict[int, float]]:
-  """The reference's choice of C (spec §3.3 step 5); degenerate, kept for reference only.
-
-  For each option C < J (larger ones are skipped, as in the reference) the prototypes are
-  clustered (float64 iterations, `cluster_prototypes`), then X is reconstructed from the centres
-  by least squares in float32 (`W = argmin ||Xᵀ − centresᵀ W||²`, as torch.linalg.lstsq) and
-  `err = ||Xᵀ − centresᵀ W||²_F` is weighted by `(C/J)²`; the smallest weighted error wins.
-
-  Degenerate (spec §6.9): with C >= E (64) centres spanning the E-dim space, the reconstruction
-  is exact and `err` is round-off (1e-10..1e-7), so the choice is decided by round-off and by the
-  least-squares driver. Configs therefore use a fixed C (default 96, the reference's `cp_size`).
-
-  Args:
-    prototypes: [J, M, E] keypoint prototypes.
-    options: candidate cluster counts.
-    iterations, beta: as in `cluster_prototypes`.
-
-  Returns:
-    (chosen C, {C: weighted error} for every option tried).
-
-  Raises:
-    ValueError: every option is >= J.
-  """
-  p = np.asarray(jax.device_get(prototypes), np.float32)
-  num_kpts, _, dim = p.shape
-  bmat = np.asarray(l2_normalize(jnp.asarray(p))).reshape(-1, dim).T  # [E, J*M]
-  errors = {}
-  for c in options:
-    if c >= num_kpts:
-      continue
-    centres = np.asarray(cluster_prototypes(p, c, iterations=iterations, beta=beta,
-                                            float64=True).centres)
-    amat = centres.T  # [E, C]: wide for C > E, so any full-rank centre set reconstructs exactly.
-    w = np.linalg.lstsq(amat, bmat, rcond=None)[0]
-    err = float(np.sum(np.square(bmat - amat @ w)))
-    errors[int(c)] = err * (c / num_kpts) ** 2
-  if not errors:
-    raise ValueError(f"no cluster option in {tuple(options)} is < the {num_kpts} keypoints")
-  # min() keeps the first of equal errors, as the reference's strict `<` does.
-  return min(errors, key=errors.get), errors
-
-
 def cluster_keypoint_from_prototypes(
     cluster_protos: np.ndarray | jax.Array,
     keypoint_protos: np.ndarray | jax.Array,
@@ -297,3 +250,19 @@ def cluster_targets(
     order = jnp.argsort(dataset_index, stable=True)
     tc, wc = tc[order], wc[order]
   return tc, wc
+
+
+def init_clusters(prototypes: Any, num_clusters: int, *, iterations: int, beta: float,
+                  compat: ReferenceCompat) -> tuple[np.ndarray, np.ndarray]:
+  """Clusters the keypoint prototypes into the CPS table (spec §3.3). → ([C, M, E], [C]).
+
+  Runs once per training, on the host in float64: 500 soft k-means iterations are not converged
+  and amplify float32 rounding differences ~400-fold, so a float32 run would depend on the
+  accelerator and the sharding (see `cluster_prototypes`). The float64 result matches
+  the reference's goldens to 4e-6 and is identical on every host.
+  """
+  res = cluster_prototypes(np.asarray(jax.device_get(prototypes)), num_clusters,
+                           iterations=iterations, beta=beta, compat_topk=compat.cps_topk_sort,
+                           float64=True)
+  return (np.asarray(res.prototypes, np.float32),
+          np.asarray(res.closest_keypoint, np.int32))

@@ -16,13 +16,13 @@ Shapes: `B` batch, `K` = K_d keypoints of skeleton d, `h, w` heatmap height and 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from posebh_jax.compat import ReferenceCompat
-from posebh_jax.evaluation.decode import dark_udp_coords_jax
+from data_pipelines.heatmap_codec import dark_udp_coords_jax, udp_heatmaps_jax
+from posebh_jax.objective.compat import ReferenceCompat
 
 
 class CSSTargets(NamedTuple):
@@ -78,67 +78,6 @@ def peak_match(heatmaps: jax.Array, proto_heatmaps: jax.Array, *, conf_thr: floa
   # attainable sqrt(4) and sqrt(5), so only the integer lattice matters).
   dist = jnp.sqrt(((hx - gx)**2 + second**2).astype(jnp.float32))
   return confident & (dist <= match_dist)
-
-
-def _trunc_half_up(x: jax.Array) -> jax.Array:
-  """`trunc(x + 0.5)` exactly in float32 (the reference computes `x + 0.5` in float64).
-
-  A float32 `x + 0.5` can round up across an integer (x = 0.49999997 → 1.0); comparing x with
-  the exactly representable `floor(x) + 0.5` / `ceil(x) − 0.5` avoids that for |x| < 2²³.
-  """
-  f = jnp.floor(x)
-  c = jnp.ceil(x)
-  floor_half = f + (x >= f + 0.5).astype(x.dtype)  # floor(x + 0.5): x + 0.5 ≥ 0.
-  ceil_half = c + (x > c - 0.5).astype(x.dtype)  # ceil(x + 0.5): x + 0.5 < 0.
-  return jnp.where(x >= -0.5, floor_half, ceil_half)
-
-
-def udp_heatmaps_jax(coords: jax.Array, valid: jax.Array, heatmap_size_hw: Sequence[int],
-                     sigma: float = 2.0) -> tuple[jax.Array, jax.Array]:
-  """UDP Gaussian targets drawn directly in heatmap space (stride 1), static shapes.
-
-  Same result as `data_pipelines.transforms.udp_target(coords, valid, image_size_wh=(w, h),
-  heatmap_size_wh=(w, h), sigma)` (spec §4.4 step 7): `mu = trunc(x + 0.5)`, a (6σ+1)² window
-  `[mu − 3σ, mu + 3σ]`, weight = `valid` zeroed when the window misses the heatmap entirely (or
-  the coordinate is not finite), and the sub-pixel Gaussian `exp(−((px−x)² + (py−y)²)/(2σ²))`
-  inside the window, clipped to the heatmap, for weight > 0.5. Evaluated at every pixel with a
-  window mask instead of pasting patches.
-
-  Args:
-    coords: `[..., K, 2]` (x, y) in heatmap pixels.
-    valid: `[..., K]` visibility (bool or 0/1).
-    heatmap_size_hw: static `(h, w)`.
-    sigma: Gaussian std in heatmap pixels; 3σ must be an integer.
-
-  Returns:
-    heatmaps: `[..., K, h, w]` float32.
-    weight: `[..., K]` float32.
-  """
-  radius = 3 * sigma
-  if radius != int(radius):
-    # The reference's patch size and [ul, br) window only agree when 3σ is an integer.
-    raise ValueError(f'3·sigma must be an integer, got sigma={sigma}')
-  radius = int(radius)
-  h, w = int(heatmap_size_hw[0]), int(heatmap_size_hw[1])
-  coords = coords.astype(jnp.float32)
-  x, y = coords[..., 0], coords[..., 1]
-  mu_x, mu_y = _trunc_half_up(x), _trunc_half_up(y)
-  finite = jnp.isfinite(x) & jnp.isfinite(y)
-  # The reference's bounds test on the window [mu − 3σ, mu + 3σ + 1).
-  outside = ((mu_x - radius >= w) | (mu_y - radius >= h) | (mu_x + radius + 1 < 0) |
-             (mu_y + radius + 1 < 0))
-  weight = jnp.where(finite & ~outside, valid.astype(jnp.float32), 0.0)
-
-  px = jnp.arange(w, dtype=jnp.float32)
-  py = jnp.arange(h, dtype=jnp.float32)
-  dx2 = jnp.square(px - x[..., None])  # [..., K, w]
-  dy2 = jnp.square(py - y[..., None])  # [..., K, h]
-  in_x = jnp.abs(px - mu_x[..., None]) <= radius
-  in_y = jnp.abs(py - mu_y[..., None]) <= radius
-  g = jnp.exp(-(dx2[..., None, :] + dy2[..., :, None]) / (2 * sigma**2))
-  draw = in_y[..., :, None] & in_x[..., None, :] & (weight > 0.5)[..., None, None]
-  # `where`, not a product: non-finite coordinates give NaN Gaussians that must not leak.
-  return jnp.where(draw, g, 0.0), weight
 
 
 def css_targets(heatmaps: jax.Array, proto_heatmaps: jax.Array, foreign: jax.Array, *,

@@ -25,15 +25,14 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from data_pipelines import skeletons
-from posebh_jax import clustering
-from posebh_jax import css as css_lib
-from posebh_jax import losses
-from posebh_jax import prototype_learning as pl
-from posebh_jax import prototypes as proto_lib
-from posebh_jax.compat import ReferenceCompat
+from posebh_jax.objective import clustering
+from posebh_jax.objective import css as css_lib
+from posebh_jax.objective import losses
+from posebh_jax.objective import prototype_learning as pl
+from posebh_jax.objective import prototypes as proto_lib
+from posebh_jax.objective.compat import ReferenceCompat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +46,7 @@ class ObjectiveConfig:
     proto_weight, ppc_weight, ppd_weight: PixelPrototypeCE weights (1.25e-5, 0.01, 0.001).
     phm_weight: prototype-heatmap MSE weight (3.33e-6); also scales the CPS cluster-heatmap and
       the CSS prototype-heatmap terms, as in the reference.
-    proto_gamma: EMA momentum of the keypoint prototypes (0.999).
+    gamma: EMA momentum of the keypoint prototypes (0.999).
     sinkhorn_epsilon, sinkhorn_iterations: Sinkhorn settings (0.05, 3).
     gumbel: sample the EMA assignment by Gumbel-max (reference); False uses the argmax.
     sample_threshold: pixels whose target maximum exceeds it take part in prototype learning.
@@ -64,7 +63,7 @@ class ObjectiveConfig:
   ppc_weight: float = 0.01
   ppd_weight: float = 0.001
   phm_weight: float = 3.33e-6
-  proto_gamma: float = 0.999
+  gamma: float = 0.999
   sinkhorn_epsilon: float = 0.05
   sinkhorn_iterations: int = 3
   gumbel: bool = True
@@ -136,7 +135,7 @@ def _learn(cfg: ObjectiveConfig, features, sim_flat, prototypes, local_class, da
   """Prototype learning: CE targets and, if `update`, the EMA step (the loss comes separately)."""
   return pl.prototype_learning(
       features, prototypes, local_class, dataset, conf, valid, offsets=offsets,
-      num_keypoints=num_keypoints, gamma=cfg.proto_gamma, epsilon=cfg.sinkhorn_epsilon,
+      num_keypoints=num_keypoints, gamma=cfg.gamma, epsilon=cfg.sinkhorn_epsilon,
       iterations=cfg.sinkhorn_iterations, gumbel_rng=rng if (cfg.gumbel and update) else None,
       update=update, compat=compat, sim_flat=sim_flat)
 
@@ -277,19 +276,3 @@ def posebh_objective(
 
   metrics["loss/total"] = total
   return total, metrics, new_prototypes
-
-
-def init_clusters(prototypes: Any, num_clusters: int, *, iterations: int, beta: float,
-                  compat: ReferenceCompat) -> tuple[np.ndarray, np.ndarray]:
-  """Clusters the keypoint prototypes into the CPS table (spec §3.3). → ([C, M, E], [C]).
-
-  Runs once per training, on the host in float64: 500 soft k-means iterations are not converged
-  and amplify float32 rounding differences ~400-fold, so a float32 run would depend on the
-  accelerator and the sharding (see `clustering.cluster_prototypes`). The float64 result matches
-  the reference's goldens to 4e-6 and is identical on every host.
-  """
-  res = clustering.cluster_prototypes(np.asarray(jax.device_get(prototypes)), num_clusters,
-                                      iterations=iterations, beta=beta,
-                                      compat_topk=compat.cps_topk_sort, float64=True)
-  return (np.asarray(res.prototypes, np.float32),
-          np.asarray(res.closest_keypoint, np.int32))

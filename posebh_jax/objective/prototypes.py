@@ -12,7 +12,7 @@ jitted, sharded train step with no host round trip. Because the sums run over th
 under `jit`, the update does not depend on how many devices the batch is split over.
 
 The learning rule (Sinkhorn assignment, EMA update, prototype CE) is in
-`posebh_jax.prototype_learning`; this module holds the shared basics.
+`posebh_jax.objective.prototype_learning`; this module holds the shared basics.
 """
 
 from __future__ import annotations

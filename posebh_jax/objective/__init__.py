@@ -1,0 +1,1 @@
+"""The PoseBH method: heatmap loss, prototypes and their learning, CPS, CSS, compat switches."""
