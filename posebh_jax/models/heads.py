@@ -122,8 +122,8 @@ class GroupedBatchNorm(nn.Module):
   The batch `[B, ...]` is viewed as `[groups, B / groups, ...]` and each group is normalised with
   the mean and (biased) variance of its own rows (over rows and spatial positions, per
   channel), as `nn.BatchNorm` does for the whole batch. The batch is sharded contiguously over
-  the mesh's batch axes (`data_pipelines.pipeline.batch_sharding`), so with `groups` = the number of batch
-  shards each device normalises with the statistics of its own rows: the reference's per-GPU
+  the mesh's batch axes (`data_pipelines.pipeline.batch_sharding`), so with `groups` = the
+  number of batch shards each device normalises with the statistics of its own rows: the reference's per-GPU
   BatchNorm (no SyncBN). Because the grouping is by row, not by device, the result is a pure
   function of the config: 8 groups on 1 device equal 8 groups on 8 devices.
 

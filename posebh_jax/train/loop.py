@@ -429,7 +429,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
   meta = experiment.checkpoint_meta(config, layout)
   # The newest intact checkpoint: damaged ones are skipped (and set aside) with a warning.
-  restored = ckpt.restore_latest(abstract_state, data_iter, meta)
+  try:
+    restored = ckpt.restore_latest(abstract_state, data_iter, meta)
+  except BaseException:
+    # A refused restore (another model, every checkpoint damaged) is a one-line error: close
+    # orbax's manager first, or its threads meet the interpreter's shutdown and print a
+    # "cannot schedule new futures after shutdown" traceback after that line.
+    ckpt.close()
+    raise
   if restored is not None:
     latest, state = restored
     log.info("resumed from checkpoint at step %d (%s)", latest, ckpt.directory)
