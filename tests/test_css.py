@@ -318,3 +318,27 @@ def test_sharded_batch_matches_single_device(batch, results):
   assert out[0].target.sharding.is_equivalent_to(shard, 4)  # Stays batch-sharded.
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(results['intended'])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('mode', ['intended', 'reference'])
+def test_dropping_an_empty_pixel_set_changes_nothing(mode):
+  # Spec §6.17: the reference drops a dataset's CSS hm/ph terms when its sampled pixel set is
+  # empty; the objective keeps that `where` (no switch), which is only right if those terms are
+  # 0 then anyway. They are: a kept pair's pseudo keypoint lies between two in-heatmap peaks, so
+  # its UDP Gaussian has a pixel above 0, and no kept pair means every weight is 0. Checked on
+  # random batches, per sample (one sample = one dataset's subset), with both CSS flag sets.
+  empty = nonempty = 0
+  for seed in range(1, 9):
+    hm, phm, foreign = _make_batch(seed)
+    for b in range(B):
+      one = np.zeros(B, bool)
+      one[b] = foreign[b]
+      t, hm_loss, ph_loss = _run(hm, phm, one, mode)
+      valid = np.asarray(css_pixel_classes(t)[2])
+      if valid.any():
+        nonempty += 1
+      else:
+        empty += 1
+        assert float(hm_loss) == 0.0 and float(ph_loss) == 0.0, (seed, b)
+        np.testing.assert_array_equal(np.asarray(t.weight), 0.0)
+  assert empty and nonempty  # Both cases were met.

@@ -44,7 +44,8 @@ class ReferenceCompat:
   is empty exactly when no kept pair has a target pixel above 0; a kept pair always has one (its
   UDP Gaussian is zeroed, weight and all, only when its window misses the heatmap), so then
   every pair's weight is 0 and the hm and ph terms are 0 as well: dropping them or not gives the
-  same loss and gradients (`train/objective.py` keeps the reference's `where`).
+  same loss and gradients (`objective.py` keeps the reference's `where`; checked by
+  `tests/test_css.py::test_dropping_an_empty_pixel_set_changes_nothing`).
   6.13's loss normalisers are global-batch means here (each head's MSE over the whole global
   batch, prototype-head terms over their dataset's samples in the global batch), where the
   reference takes the same means per GPU and DDP averages the gradients: the two agree for terms
