@@ -61,7 +61,7 @@ import numpy as np
 
 from configs import common
 from configs import synthetic as synthetic_configs
-from data_pipelines import datasets, device_targets
+from data_pipelines import datasets, device_targets, pipeline
 from data_pipelines.skeletons import SYNTHETIC_SKELETONS
 from data_pipelines.synthetic import render
 from posebh_jax import experiment
@@ -298,7 +298,7 @@ class Trainer:
         config, self.model, self.layout, self.mesh)
     self.steps = loop.StageSteps(config, self.layout, self.model, self.tx, self.mesh,
                                  self.shardings, targets=device_targets.TargetSpec.from_topdown(td))
-    self._batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self._batch_sharding = pipeline.batch_sharding(self.mesh)
     self._init = jax.jit(self.init_fn, out_shardings=self.shardings)
     self.predict_fns: dict[int, Callable] = {}  # Compiled once per head (see `predict`).
 
@@ -377,7 +377,6 @@ def predict(trainer: Trainer, state, images: np.ndarray, dataset: int, batch: in
 
 
 def _normalize(x):
-  from data_pipelines import pipeline
   return pipeline.normalize_on_device(x)
 
 

@@ -29,7 +29,7 @@ if nproc > 1:
 import numpy as np
 from jax.experimental import multihost_utils
 from configs import synthetic
-from data_pipelines import pipeline
+from data_pipelines import datasets, pipeline
 from posebh_jax import experiment
 from posebh_jax.train import loop, sharding
 
