@@ -307,7 +307,8 @@ class Trainer:
 
   def run(self, state, get_batch, start: int, stop: int):
     for step in range(start, stop):
-      state = loop.enter_step(self.config, state, step, self.tx, self.shardings)
+      state = loop.enter_step(self.config, state, step, self.tx, self.shardings,
+                               self.steps.schedule)
       batch = jax.device_put(get_batch(step), self._batch_sharding)
       state, metrics = self.steps.run(step, state, batch)
     if stop > start and not bool(metrics["finite"]):
