@@ -94,7 +94,7 @@ def main(argv) -> None:
         f"(skeletons {', '.join(skeletons)}; through {_THROUGH.value})", flush=True)
   if result["failed"]:
     # A counted skip, like training's bad images: the readable images are written, and one
-    # line names every image that was not (each was also logged as it was met).
+    # line names every image that was not, with why.
     print("posebh-infer: skipped {} unreadable image(s): {}".format(
         len(result["failed"]), "; ".join(result["failed"])), flush=True)
 
