@@ -6,7 +6,8 @@
   * posebh-eval of that checkpoint on 2 processes gives the metrics of 1 process.
   * mesh data=1, fsdp=4 across the 2 processes trains on the same global batches as data=4 on
     1 process × 4 devices: equal losses, so every row reaches the loss and the batches do not
-    depend on the process count.
+    depend on the process count; and equal final parameters, read back from each run's
+    checkpoint (the FSDP run's parameter shards written by both processes).
 
 Every process runs the console-script entry point (`python -m posebh_jax.main_*`, the same
 `run()`), with its own XLA_FLAGS; logs go to files named in the failure message.
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -192,6 +194,33 @@ def test_fsdp_across_processes_reaches_every_row(tmp_path):
   for step in (1, 2, 3):
     np.testing.assert_allclose(runs["fsdp"][step], runs["one"][step], rtol=1e-4,
                                err_msg=f"step {step}")
+  # The parameters each run checkpointed at its end (the FSDP run's shards written by both
+  # hosts) are those of the single process: every parameter, not only the loss.
+  from configs import synthetic
+  from posebh_jax.train import restore
+  cfg = synthetic.get_config("tiny")
+  cfg.data.root = data
+  params = {}
+  for name in runs:
+    state, step = restore.restore_state(cfg, str(tmp_path / name))
+    assert step == 3, name
+    params[name] = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)))
+  assert params["one"].keys() == params["fsdp"].keys() and len(params["one"]) > 10
+  lr_sum = 3 * cfg.train.learning_rate  # Bound on 3 Adam steps.
+  for path, one in params["one"].items():
+    key, fsdp = jax.tree_util.keystr(path), params["fsdp"][path]
+    if key.endswith(_ZERO_GRADIENT_BIASES):
+      # A conv bias feeding BatchNorm has true gradient 0 (BN removes constants): its gradient
+      # is float noise whose sign depends on the reduction order, and Adam turns it into ±lr
+      # steps. Only bounded, not equal (tests/test_train_step.py explains the same for meshes).
+      assert np.all(np.abs(fsdp - one) <= 2 * lr_sum + 1e-6), key
+    else:
+      np.testing.assert_allclose(fsdp, one, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+# Biases directly followed by a BatchNorm in the prototype head (posebh_jax/models/heads.py).
+_ZERO_GRADIENT_BIASES = ("['neck']['conv1']['bias']", "['neck']['conv2']['bias']",
+                         "['head_0']['bias']")
 
 
 def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path, cache):

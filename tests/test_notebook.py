@@ -40,6 +40,7 @@ def test_notebook_executes_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("POSEBH_NOTEBOOK_CI", "1")
   monkeypatch.setenv("POSEBH_NOTEBOOK_WORKDIR", str(tmp_path))
   monkeypatch.delenv("POSEBH_WORKDIR", raising=False)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # One device, as in Colab (not 8 simulated).
   monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))

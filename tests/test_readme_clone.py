@@ -73,6 +73,7 @@ def _plain_clone(tmp_path: pathlib.Path) -> pathlib.Path:
 def _run(cmd: list[str], cwd: pathlib.Path, timeout: int = 900) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(cwd))  # The clone's code, not this checkout's.
   env.pop("POSEBH_SHARED", None)
+  env.pop("XLA_FLAGS", None)  # One device, as the README's user runs them (not 8 simulated).
   bin_dir = pathlib.Path(sys.executable).parent
   if cmd[0].startswith("posebh-"):
     cmd = [str(bin_dir / cmd[0])] + cmd[1:]
