@@ -31,9 +31,8 @@ import jax.numpy as jnp
 
 import train_step as ts  # benchmarks/ is the script's directory, hence on the path.
 from configs import posebh as posebh_configs
-from data_pipelines import datasets, pipeline
-from posebh_jax import experiment
-from posebh_jax.train import loop, sharding
+from data_pipelines import pipeline
+from posebh_jax.train import sharding
 from posebh_jax.train import step as step_lib
 
 _OBJECTIVE = step_lib.posebh_objective
@@ -52,21 +51,13 @@ def _step(size: str, batch_size: int, *, proto_head: bool, objective=None, **sta
   c.train.batch_size = batch_size
   c.model.use_proto_head = proto_head
   mesh = sharding.make_mesh(c.mesh)
-  layout = datasets.build_layout(c)
-  model = experiment.build_model(c, layout)
-  state, _, shardings, tx = loop.create_train_state(c, model, layout, mesh)
-  cfg = loop.step_config(c, layout)
-  if proto_head:
-    cfg = loop.stage_config(c, cfg, max(c.schedule.cps_start_step, c.schedule.css_start_step))
-    if cfg.cps:
-      state = loop.cluster_state(c, state, shardings)
-  cfg = dataclasses.replace(cfg, **stage_overrides)
+  stage2 = max(c.schedule.cps_start_step, c.schedule.css_start_step) if proto_head else None
   # The step looks the objective up when it is traced: swap it for this compilation only.
   step_lib.posebh_objective = objective or _OBJECTIVE
   try:
-    fn = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
+    layout, state, fn, _ = ts._build(c, mesh, stage2, **stage_overrides)
     batch = pipeline.to_global_batch(ts._batch(c, layout, batch_size), mesh)
-    fn = fn.lower(state, batch).compile()
+    fn, _ = ts._compile(fn, state, batch)
   finally:
     step_lib.posebh_objective = _OBJECTIVE
   return ts._ours(fn, state, batch)

@@ -31,6 +31,7 @@ that all see the same machine load, and prints
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -63,7 +64,9 @@ def _batch(config, layout, batch_size: int, seed: int = 0) -> dict[str, np.ndarr
               skeleton_mask=mask)
 
 
-def _build(config, mesh, stage_step: int | None):
+def _build(config, mesh, stage_step: int | None, **cfg_overrides):
+  """→ (layout, train state, jitted step, its ObjectiveConfig) of `stage_step`'s stage
+  (None: the first), with `cfg_overrides` replacing ObjectiveConfig fields (stage flags)."""
   layout = datasets.build_layout(config)
   model = experiment.build_model(config, layout)
   state, _, shardings, tx = loop.create_train_state(config, model, layout, mesh)
@@ -72,6 +75,7 @@ def _build(config, mesh, stage_step: int | None):
     cfg = loop.stage_config(config, cfg, stage_step)
     if cfg.cps:
       state = loop.cluster_state(config, state, shardings)
+  cfg = dataclasses.replace(cfg, **cfg_overrides)
   fn = step_lib.make_train_step(model, tx, cfg, mesh, shardings)
   return layout, state, fn, cfg
 
