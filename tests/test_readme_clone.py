@@ -32,8 +32,8 @@ NOT_HERE = [
     (r"/ckpt/|converted/|\.pth\b", "the authors' checkpoints, downloaded by the user"),
     (r"^gcloud |coordinator_address=host0|^posebh-train \.\.\.", "a TPU pod / GPU cluster"),
     (r"configs/samples\.py", "../shared sample data (a developer check)"),
-    (r"^(nice -n \d+ )?python benchmarks/", "benchmarks: minutes to hours of CPU each (ViT-B steps, both "
-     "sides), run by hand and never timed in tests"),
+    (r"^(nice -n \d+ )?python benchmarks/", "benchmarks: minutes to hours of CPU each (ViT-B "
+     "steps, both sides), run by hand and never timed in tests"),
     (r"my_configs/stick14\.py", "the user's own dataset and config file (\"Add a dataset\"): "
      "tests/test_new_skeleton.py writes them and runs these commands"),
 ]

@@ -124,8 +124,8 @@ class GroupedBatchNorm(nn.Module):
   channel), as `nn.BatchNorm` does for the whole batch. The batch is sharded contiguously over
   the mesh's batch axes (`data_pipelines.pipeline.batch_sharding`), so with `groups` = the
   number of batch shards each device normalises with the statistics of its own rows: the
-  reference's per-GPU BatchNorm (no SyncBN). Because the grouping is by row, not by device, the result is a pure
-  function of the config: 8 groups on 1 device equal 8 groups on 8 devices.
+  reference's per-GPU BatchNorm (no SyncBN). Because the grouping is by row, not by device, the
+  result is a pure function of the config: 8 groups on 1 device equal 8 groups on 8 devices.
 
   Variables are those of `nn.BatchNorm` (`params/{scale, bias}` `[C]`, `batch_stats/{mean,
   var}` `[C]`), so checkpoints move freely between the two. The running statistics are updated
