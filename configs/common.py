@@ -206,7 +206,8 @@ def base_config() -> ml_collections.ConfigDict:
       # Evaluate (posebh_jax/train/loop.py::evaluate) every this many steps; -1 = off.
       eval_every=-1,
       # JAX's persistent compilation cache: restarts, resumed jobs and stage changes reuse
-      # compiled steps. "auto" = <workdir>/compilation_cache; "" = off; or any directory/URL.
+      # compiled steps. "auto" = $JAX_COMPILATION_CACHE_DIR if set, else
+      # <workdir>/compilation_cache; "" = off; or any directory/URL.
       compilation_cache="auto",
       # jax.profiler trace of `profile_num_steps` steps from `profile_start_step` (-1: off)
       # into <workdir>/profile (TensorBoard's profile plugin / Perfetto read it).
@@ -259,6 +260,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
   c.train.batch_size = 8
   c.train.num_steps = 4
   c.train.warmup_steps = 1
+  # A constant lr keeps `num_steps` out of the compiled step (a cosine schedule bakes it in), so
+  # tiny runs of any length compile to the same programs and the test suite's ~50 processes share
+  # them through the persistent compilation cache. The schedules are tested on their own.
+  c.train.lr_schedule = "constant"
   c.train.log_every = 1
   c.train.checkpoint_every = 2
   c.eval.batch_size = 8

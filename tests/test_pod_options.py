@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import jax
-import pytest
+
+from conftest import cli_env, tiny_train_args
 
 from configs import synthetic
 from data_pipelines import datasets
@@ -24,16 +25,11 @@ _AS_TPU_HOST = ("import os, sys, jax; jax.default_backend = lambda: 'tpu'; "
 def _train(workdir, data_root, *flags, as_tpu_host=False):
   head = [sys.executable, "-c", _AS_TPU_HOST] if as_tpu_host else [
       sys.executable, "-m", "posebh_jax.main_train"]
-  args = head + ["--config=configs/synthetic.py:tiny", f"--workdir={workdir}",
-                 f"--config.data.root={data_root}", "--config.train.eval_at_end=False",
-                 "--config.train.checkpoint_every=100", *flags]
-  return subprocess.run(args, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                        capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("synthetic_data"))
+  # The session's tiny data and compilation cache (conftest): the programs of the other tiny runs.
+  args = head + tiny_train_args(workdir, data_root, "--config.train.eval_at_end=False",
+                                "--config.train.checkpoint_every=100", *flags)[3:]
+  return subprocess.run(args, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                        timeout=600)
 
 
 def test_num_workers_auto_resolution(monkeypatch):
@@ -72,3 +68,23 @@ def test_cli_resolves_workers_and_writes_a_profile_trace(tmp_path, data_root):
   assert "data: 2 input worker process(es) per host" in tpu.stdout + tpu.stderr
   assert (tmp_path / "tpu" / "train_metrics.jsonl").read_text().count('"step"') == 2
   assert not (tmp_path / "tpu" / "profile").exists()
+
+
+def test_auto_compilation_cache_keeps_the_one_jax_was_given(tmp_path):
+  """`train.compilation_cache="auto"`: JAX_COMPILATION_CACHE_DIR where the user set it (this
+  session sets it in conftest), else <workdir>/compilation_cache; "" turns it off."""
+  from conftest import COMPILATION_CACHE
+  from posebh_jax.train import loop
+  cfg = synthetic.get_config("tiny")
+  assert cfg.train.compilation_cache == "auto"
+  given = jax.config.jax_compilation_cache_dir
+  assert given == COMPILATION_CACHE
+  try:
+    assert loop.enable_compilation_cache(cfg, str(tmp_path)) == COMPILATION_CACHE
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert loop.enable_compilation_cache(cfg, str(tmp_path)) == str(tmp_path / "compilation_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compilation_cache")
+    cfg.train.compilation_cache = ""
+    assert loop.enable_compilation_cache(cfg, str(tmp_path)) is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", given)

@@ -83,7 +83,10 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)])
 
 
-_digest_fn = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_digest, tree))
+# The inner jit traces `_leaf_digest` once per leaf shape and dtype (params, Adam's mu and nu and
+# the EMA copies repeat the same shapes): the first digest of a process traced every one of the
+# ~230 leaves of a tiny model separately (3 s), now ~1 s. XLA inlines the inner calls.
+_digest_fn = jax.jit(lambda tree: jax.tree_util.tree_map(jax.jit(_leaf_digest), tree))
 
 
 def state_digest(state: Any) -> dict[str, str]:

@@ -293,8 +293,9 @@ def write_train_metrics(writer, train_log: metrics_log.TrainMetricsLog, step: in
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Points JAX's persistent compilation cache at `train.compilation_cache` ("auto":
-  <workdir>/compilation_cache; "": off). Returns the directory (None: off).
+  """Points JAX's persistent compilation cache at `train.compilation_cache` ("auto": the
+  directory JAX was given (`JAX_COMPILATION_CACHE_DIR`) if any, else <workdir>/compilation_cache;
+  "": off). Returns the directory (None: off).
 
   Takes effect for compilations after the call (JAX initialises the cache at the first one):
   the CLI calls it before anything compiles.
@@ -303,7 +304,9 @@ def enable_compilation_cache(config: ml_collections.ConfigDict, workdir: str) ->
   if not where:
     return None
   if where == "auto":
-    where = storage.join(workdir, "compilation_cache")
+    # A cache the user gave JAX itself is kept: one cache for all their jobs (the test suite
+    # shares one across its ~50 CLI processes this way).
+    where = jax.config.jax_compilation_cache_dir or storage.join(workdir, "compilation_cache")
   jax.config.update("jax_compilation_cache_dir", where)
   log.info("persistent compilation cache: %s", where)
   return where
