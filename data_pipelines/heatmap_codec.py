@@ -652,38 +652,108 @@ def gaussian_blur_jax(heatmaps: jax.Array, kernel: int = 11) -> jax.Array:
   return one_pass(out, heatmaps.ndim - 2, h)
 
 
+def argmax_first(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """`(jnp.argmax(x, axis), jnp.max(x, axis))` for finite `x`, as two plain reductions.
+
+  The first index of the maximum, as `jnp.argmax`. XLA:CPU runs argmax as one (value, index)
+  reduction that does not vectorise; a max, then a min over the indices where `x` equals it,
+  does, and takes 2-6× less time on the train step's `[B, K, H, W]` maps (issue 19). A NaN gives
+  the last index instead of the NaN's (callers mask non-finite inputs anyway).
+
+  Returns:
+    (index int32, maximum), `axis` removed.
+  """
+  axis = axis % x.ndim
+  top = jnp.max(x, axis=axis, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+  first = jnp.min(jnp.where(x == top, index, x.shape[axis]), axis=axis)
+  return jnp.minimum(first, x.shape[axis] - 1), jnp.squeeze(top, axis)
+
+
 def _argmax_coords_jax(heatmaps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Argmax like `get_max_preds`; also returns the flat index `[N, K]` (int32)."""
   n, k, h, w = heatmaps.shape
   flat = heatmaps.reshape(n, k, h * w)
-  idx = jnp.argmax(flat, axis=-1)
-  maxvals = jnp.max(flat, axis=-1, keepdims=True)
+  idx, maxvals = argmax_first(flat, -1)
+  maxvals = maxvals[..., None]
   xy = jnp.stack([idx % w, idx // w], axis=-1).astype(jnp.float32)
   coords = jnp.where(maxvals > 0.0, xy, -1.0)
   return coords, maxvals, idx
 
 
+def _reflect101(i: jax.Array, size: int) -> jax.Array:
+  """Index `i` in [-(size-1), 2(size-1)] mirrored into [0, size) like BORDER_REFLECT_101."""
+  i = jnp.abs(i)
+  return jnp.where(i > size - 1, 2 * (size - 1) - i, i)
+
+
+def _blur_3x3_at_peaks(heatmaps: jax.Array, ci: jax.Array, kernel: int) -> jax.Array:
+  """`gaussian_blur_jax(heatmaps)` on the 3x3 block around each peak, edge-clamped. [N,K,3,3].
+
+  DARK-UDP reads the blurred map only there, so only those 9 values per channel are computed,
+  from a gathered patch, with `gaussian_blur_jax`'s operations in its order (rows, then
+  columns; centre tap first, then symmetric pairs): the whole-map values up to float32 rounding
+  (XLA may contract the multiply-adds differently: 1 ulp seen) for a fraction of the work (the
+  CSS pseudo labels decode every channel of the batch in each train step; issue 19).
+
+  Args:
+    heatmaps: `[N, K, H, W]` float32.
+    ci: `[N, K, 2]` int32 peak (x, y), each inside the map.
+    kernel: odd blur kernel.
+  """
+  n, k, h, w = heatmaps.shape
+  r = (kernel - 1) // 2
+  g = _gaussian_kernel_1d(kernel)
+  step = jnp.arange(-1, 2, dtype=jnp.int32)
+  # The block rows/columns, clamped like the reference's edge padding of the blurred map.
+  ys = jnp.clip(ci[..., 1:2] + step, 0, h - 1)  # [N, K, 3]
+  xs = jnp.clip(ci[..., 0:1] + step, 0, w - 1)
+  taps = jnp.arange(-r, r + 1, dtype=jnp.int32)
+  rows = _reflect101(ys[..., :, None] + taps, h)  # [N, K, 3, kernel]
+  cols = _reflect101(xs[..., :, None] + taps, w)
+  flat = heatmaps.reshape(n, k, h * w)
+  index = (rows[:, :, :, :, None, None] * w + cols[:, :, None, None, :, :]).reshape(n, k, -1)
+  patch = jnp.take_along_axis(flat, index, axis=-1).reshape(n, k, 3, kernel, 3, kernel)
+  # Row pass (along W) at the 3·kernel rows the column pass needs.
+  out = patch[..., r] * g[r]
+  for i in range(1, r + 1):
+    out = out + (patch[..., r - i] + patch[..., r + i]) * g[r + i]  # [N, K, 3, kernel, 3]
+  # Column pass (along H).
+  res = out[:, :, :, r] * g[r]
+  for i in range(1, r + 1):
+    res = res + (out[:, :, :, r - i] + out[:, :, :, r + i]) * g[r + i]
+  return res  # [N, K, 3 (y - 1 .. y + 1), 3 (x - 1 .. x + 1)]
+
+
 def _dark_udp_jax(coords: jax.Array, heatmaps: jax.Array, kernel: int) -> jax.Array:
   """DARK-UDP step in float32, mirroring `post_dark_udp` including its flat neighbour indexing.
 
-  The flat gather over the padded `[N, K, H+2, W+2]` block reproduces the reference's
-  previous-channel reads for argmax -1 (JAX, like numpy, wraps negative indices). The 2x2 solve
-  is a closed-form float32 inverse instead of the reference's float64 `np.linalg.inv`.
+  Where every channel has a peak (max > 0), the blurred map is computed only around the peaks
+  (`_blur_3x3_at_peaks`). Otherwise the whole map is blurred and read through the flat gather
+  over the padded `[N, K, H+2, W+2]` block, which reproduces the reference's previous-channel
+  reads for argmax -1 (JAX, like numpy, wraps negative indices). The 2x2 solve is a closed-form
+  float32 inverse instead of the reference's float64 `np.linalg.inv`.
   """
   n, k, h, w = heatmaps.shape
-  logm = jnp.log(jnp.clip(gaussian_blur_jax(heatmaps, kernel), 0.001, 50.0))
-  padded = jnp.pad(logm, ((0, 0), (0, 0), (1, 1), (1, 1)), mode='edge').reshape(-1)
-  row = w + 2
   ci = coords.astype(jnp.int32)
-  channel = jnp.arange(n * k, dtype=jnp.int32).reshape(n, k)
-  index = (ci[..., 0] + 1) + (ci[..., 1] + 1) * row + channel * (row * (h + 2))
 
-  def at(offset: int) -> jax.Array:
-    return padded[index + offset]
+  def local(_):
+    logb = jnp.log(jnp.clip(_blur_3x3_at_peaks(heatmaps, ci, kernel), 0.001, 50.0))
+    return (logb[..., 1, 1], logb[..., 1, 2], logb[..., 2, 1], logb[..., 2, 2],
+            logb[..., 0, 0], logb[..., 1, 0], logb[..., 0, 1])
 
-  i_, ix1, iy1 = at(0), at(1), at(row)
-  ix1y1, ix1_y1_ = at(row + 1), at(-row - 1)
-  ix1_, iy1_ = at(-1), at(-row)
+  def whole(_):
+    logm = jnp.log(jnp.clip(gaussian_blur_jax(heatmaps, kernel), 0.001, 50.0))
+    padded = jnp.pad(logm, ((0, 0), (0, 0), (1, 1), (1, 1)), mode='edge').reshape(-1)
+    row = w + 2
+    channel = jnp.arange(n * k, dtype=jnp.int32).reshape(n, k)
+    index = (ci[..., 0] + 1) + (ci[..., 1] + 1) * row + channel * (row * (h + 2))
+    return tuple(padded[index + o] for o in (0, 1, row, row + 1, -row - 1, -1, -row))
+
+  if min(h, w) <= (kernel - 1) // 2:  # Reflection beyond one mirror: only the whole-map path.
+    i_, ix1, iy1, ix1y1, ix1_y1_, ix1_, iy1_ = whole(None)
+  else:
+    i_, ix1, iy1, ix1y1, ix1_y1_, ix1_, iy1_ = jax.lax.cond(jnp.all(ci >= 0), local, whole, None)
   dx = 0.5 * (ix1 - ix1_)
   dy = 0.5 * (iy1 - iy1_)
   dxx = ix1 - 2 * i_ + ix1_ + _EPS_F32

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_golden
@@ -132,6 +133,57 @@ def test_jax_blur_matches_opencv(golden):
   ref = np.stack([[cv2.GaussianBlur(c, (11, 11), 0) for c in s] for s in hm])
   out = np.asarray(jax.jit(heatmap_codec.gaussian_blur_jax)(hm))
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
+
+
+def test_blur_around_peaks_equals_the_whole_map_blur_there():
+  """DARK-UDP blurs only the 3x3 block around each peak: the values of the whole-map blur up to
+  float32 rounding (XLA contracts the two programs' multiply-adds differently: 1 ulp seen), also
+  for peaks on the border and in the corners (edge clamp + reflection)."""
+  rng = np.random.default_rng(1)
+  n, k, h, w = 2, 9, 20, 14
+  hm = jnp.asarray(rng.random((n, k, h, w), np.float32))
+  peaks = np.stack([rng.integers(0, w, (n, k)), rng.integers(0, h, (n, k))], -1)
+  peaks[0, :4] = [[0, 0], [w - 1, h - 1], [0, h - 1], [w - 1, 0]]
+  ci = jnp.asarray(peaks, jnp.int32)
+  local = np.asarray(jax.jit(heatmap_codec._blur_3x3_at_peaks, static_argnums=2)(hm, ci, 11))
+  whole = np.asarray(jax.jit(heatmap_codec.gaussian_blur_jax)(hm))
+  for b in range(n):
+    for c in range(k):
+      x, y = peaks[b, c]
+      for i, dy in enumerate((-1, 0, 1)):
+        for j, dx in enumerate((-1, 0, 1)):
+          yy, xx = min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)
+          np.testing.assert_allclose(local[b, c, i, j], whole[b, c, yy, xx], rtol=2.5e-7,
+                                     atol=0, err_msg=str((b, c, dy, dx)))
+
+
+def _gaussian_maps(rng, n, k, h, w, sigma=2.0):
+  """[n, k, h, w] float32 Gaussian blobs at random sub-pixel centres (well-conditioned DARK)."""
+  cx = rng.uniform(1, w - 2, (n, k, 1, 1))
+  cy = rng.uniform(1, h - 2, (n, k, 1, 1))
+  y, x = np.mgrid[:h, :w]
+  return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def test_peak_local_blur_decodes_like_the_reference():
+  """The peak-local path (every channel has a peak): numpy `post_dark_udp` on every channel."""
+  hm = _gaussian_maps(np.random.default_rng(3), 2, 5, 16, 12)
+  coords, _ = jax.jit(heatmap_codec.dark_udp_coords_jax)(hm)
+  start, _ = heatmap_codec.get_max_preds(hm)
+  ref = heatmap_codec.post_dark_udp(start.copy(), hm.copy())
+  np.testing.assert_allclose(np.asarray(coords), ref, rtol=0, atol=JAX_ATOL)
+
+
+def test_channel_without_peak_keeps_the_reference_reads():
+  """A channel with max <= 0 (argmax -1) sends the batch through the whole-map blur, which keeps
+  the reference's previous-channel reads: numpy `post_dark_udp` on every channel."""
+  hm = _gaussian_maps(np.random.default_rng(2), 2, 3, 16, 12)
+  hm[1, 1] = -1.0  # No peak: coords -1.
+  coords, _ = jax.jit(heatmap_codec.dark_udp_coords_jax)(hm)
+  start, _ = heatmap_codec.get_max_preds(hm)
+  assert np.all(start[1, 1] == -1)
+  ref = heatmap_codec.post_dark_udp(start.copy(), hm.copy())
+  np.testing.assert_allclose(np.asarray(coords), ref, rtol=0, atol=JAX_ATOL)
 
 
 def test_jax_udp_on_smooth_random_heatmaps():

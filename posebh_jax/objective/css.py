@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from data_pipelines.heatmap_codec import dark_udp_coords_jax, udp_heatmaps_jax
+from data_pipelines.heatmap_codec import argmax_first, dark_udp_coords_jax, udp_heatmaps_jax
 from posebh_jax.objective.compat import ReferenceCompat
 
 
@@ -171,7 +171,6 @@ def css_pixel_classes(targets: CSSTargets, threshold: float = 0.0
     valid: `[B, h, w]` bool.
   """
   weighted = targets.target * targets.weight[:, :, None, None]
-  local_class = jnp.argmax(weighted, axis=1).astype(jnp.int32)
-  conf = jnp.max(weighted, axis=1)
+  local_class, conf = argmax_first(weighted, 1)
   valid = (conf > threshold) & targets.instances[:, None, None]
   return local_class, conf, valid

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from data_pipelines import skeletons
+from data_pipelines.heatmap_codec import argmax_first
 from posebh_jax.objective import clustering
 from posebh_jax.objective import css as css_lib
 from posebh_jax.objective import losses
@@ -110,8 +111,7 @@ def _own_pixels(target: jax.Array, dataset_index: jax.Array, threshold: float
     local_class, dataset, conf, valid, each flattened to [B·H·W].
   """
   b, _, h, w = target.shape
-  conf = jnp.max(target, axis=1)
-  local_class = jnp.argmax(target, axis=1).astype(jnp.int32)
+  local_class, conf = argmax_first(target, 1)
   dataset = jnp.broadcast_to(dataset_index[:, None, None], (b, h, w)).astype(jnp.int32)
   valid = conf > threshold
   return local_class.reshape(-1), dataset.reshape(-1), conf.reshape(-1), valid.reshape(-1)
