@@ -208,3 +208,14 @@ def test_jax_udp_on_smooth_random_heatmaps():
   unit = s[:, None, 0] / (w - 1)
   assert interior.any()
   assert (np.abs(ref[..., 0] - true_x) < 0.1 * unit)[interior].all()
+
+
+def test_argmax_first_is_jnp_argmax_ties_included():
+  """`argmax_first` (max, then the first index reaching it) equals `jnp.argmax`/`jnp.max` on
+  every axis, with many ties."""
+  x = jnp.asarray(np.random.default_rng(5).integers(0, 4, (3, 5, 6, 4)).astype(np.float32))
+  for axis in range(x.ndim):
+    idx, top = heatmap_codec.argmax_first(x, axis)
+    np.testing.assert_array_equal(idx, jnp.argmax(x, axis=axis))
+    np.testing.assert_array_equal(top, jnp.max(x, axis=axis))
+    assert idx.dtype == jnp.int32

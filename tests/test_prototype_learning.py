@@ -567,3 +567,26 @@ def test_one_pass_ppce_equals_separate_calls_values_and_gradients(compat):
   g_want = jax.grad(lambda s: jnp.sum(separate(s) * weights))(sim)
   g_got = jax.grad(lambda s: jnp.sum(one_pass(s) * weights))(sim)
   np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-8)
+
+
+def test_class_similarity_equals_jnp_max_with_its_derivative_ties_included():
+  """The strided-slice class maximum and its written-out derivative are `jnp.max` over
+  `[N, J, M]` and its derivative, bit for bit, including 2- and 3-way ties."""
+  rng = np.random.default_rng(4)
+  n, j, m = 50, 7, 3
+  sim = rng.random((n, j * m)).astype(np.float32)
+  sim[:10, 1::3] = sim[:10, 0::3]  # 2-way ties.
+  sim[10:20, 1::3] = sim[10:20, 0::3]  # 3-way ties.
+  sim[10:20, 2::3] = sim[10:20, 0::3]
+  cot = rng.standard_normal((n, j)).astype(np.float32)
+
+  def reference(s):
+    return jnp.max(s.reshape(n, j, m), axis=-1)
+
+  np.testing.assert_array_equal(pl.class_similarity(sim, m), reference(sim))
+  grad = jax.grad(lambda s: jnp.sum(pl.class_similarity(s, m) * cot))(jnp.asarray(sim))
+  want = jax.grad(lambda s: jnp.sum(reference(s) * cot))(jnp.asarray(sim))
+  np.testing.assert_array_equal(grad, want)
+  # A 3-way tie gives each entry a third of the cotangent.
+  np.testing.assert_allclose(np.asarray(want)[10:20, 0:3],
+                             np.repeat(cot[10:20, :1] / 3, 3, axis=1), rtol=1e-6)

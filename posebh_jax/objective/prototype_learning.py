@@ -43,7 +43,6 @@ Differences from the reference that remain by design:
 from __future__ import annotations
 
 import functools
-
 from typing import NamedTuple
 
 import jax
@@ -112,8 +111,8 @@ def class_similarity(sim_flat: jax.Array, num_in_class: int) -> jax.Array:
   The maximum of the M strided column slices, with `jnp.max`'s derivative (the tangent of the
   maximal entries, split equally among ties) written out on the slices. As a reduction over the
   minor axis of `[N, J, M]` (M = 3), XLA:CPU materialised `[N, J, M]` masks for the derivative
-  and reduced them without vectorising: ~4× the time of this form in the PoseBH step (issue 19).
-  Values and derivatives are identical.
+  and reduced them without vectorising: ~5× the time of this form in the PoseBH step's profile
+  (issue 19). Values and derivatives are identical (tests/test_prototype_learning.py).
   """
   out = sim_flat[:, 0::num_in_class]
   for m in range(1, num_in_class):
