@@ -22,7 +22,7 @@ Heatmaps are `[N, K, H, W]`; keypoint coordinates are `(x, y)` with x along W.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import jax
@@ -614,6 +614,15 @@ def _gaussian_kernel_1d(kernel: int) -> np.ndarray:
   return (g / g.sum()).astype(np.float32)
 
 
+def _symmetric_taps(tap: Callable[[int], jax.Array], g: np.ndarray, r: int) -> jax.Array:
+  """`Σ_i g[r + i] · tap(i)` for i in [-r, r], summed as OpenCV does: the centre tap first,
+  then the symmetric pairs `(tap(-i) + tap(i)) · g[r + i]` (one pass of the separable blur)."""
+  out = tap(0) * g[r]
+  for i in range(1, r + 1):
+    out = out + (tap(-i) + tap(i)) * g[r + i]
+  return out
+
+
 def gaussian_blur_jax(heatmaps: jax.Array, kernel: int = 11) -> jax.Array:
   """Separable Gaussian blur with reflect-101 borders, like `cv2.GaussianBlur(k, k, sigma=0)`.
 
@@ -643,10 +652,7 @@ def gaussian_blur_jax(heatmaps: jax.Array, kernel: int = 11) -> jax.Array:
     def tap(offset: int) -> jax.Array:
       return jax.lax.slice_in_dim(xp, r + offset, r + offset + size, axis=axis)
 
-    out = tap(0) * g[r]
-    for i in range(1, r + 1):
-      out = out + (tap(-i) + tap(i)) * g[r + i]
-    return out
+    return _symmetric_taps(tap, g, r)
 
   out = one_pass(heatmaps, heatmaps.ndim - 1, w)
   return one_pass(out, heatmaps.ndim - 2, h)
@@ -714,15 +720,10 @@ def _blur_3x3_at_peaks(heatmaps: jax.Array, ci: jax.Array, kernel: int) -> jax.A
   flat = heatmaps.reshape(n, k, h * w)
   index = (rows[:, :, :, :, None, None] * w + cols[:, :, None, None, :, :]).reshape(n, k, -1)
   patch = jnp.take_along_axis(flat, index, axis=-1).reshape(n, k, 3, kernel, 3, kernel)
-  # Row pass (along W) at the 3·kernel rows the column pass needs.
-  out = patch[..., r] * g[r]
-  for i in range(1, r + 1):
-    out = out + (patch[..., r - i] + patch[..., r + i]) * g[r + i]  # [N, K, 3, kernel, 3]
+  # Row pass (along W) at the 3·kernel rows the column pass needs: [N, K, 3, kernel, 3].
+  out = _symmetric_taps(lambda i: patch[..., r + i], g, r)
   # Column pass (along H).
-  res = out[:, :, :, r] * g[r]
-  for i in range(1, r + 1):
-    res = res + (out[:, :, :, r - i] + out[:, :, :, r + i]) * g[r + i]
-  return res  # [N, K, 3 (y - 1 .. y + 1), 3 (x - 1 .. x + 1)]
+  return _symmetric_taps(lambda i: out[:, :, :, r + i], g, r)  # [N, K, 3 (y±1), 3 (x±1)]
 
 
 def _dark_udp_jax(coords: jax.Array, heatmaps: jax.Array, kernel: int) -> jax.Array:

@@ -83,10 +83,12 @@ def _leaf_digest(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)])
 
 
-# The inner jit traces `_leaf_digest` once per leaf shape and dtype (params, Adam's mu and nu and
-# the EMA copies repeat the same shapes): the first digest of a process traced every one of the
-# ~230 leaves of a tiny model separately (3 s), now ~1 s. XLA inlines the inner calls.
-_digest_fn = jax.jit(lambda tree: jax.tree_util.tree_map(jax.jit(_leaf_digest), tree))
+# The inner jit traces `_leaf_digest` once per leaf shape and dtype (params, Adam's mu and nu
+# repeat the same shapes); XLA inlines the calls. The first digest of a tiny model's state
+# (~230 leaves) went from 3.2 s to 2.3 s, 1.7 s of which is the XLA compile that the persistent
+# cache serves.
+_leaf_digest_jit = jax.jit(_leaf_digest)
+_digest_fn = jax.jit(lambda tree: jax.tree_util.tree_map(_leaf_digest_jit, tree))
 
 
 def state_digest(state: Any) -> dict[str, str]:
