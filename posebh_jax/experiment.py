@@ -43,20 +43,15 @@ def checkpoint_meta(config: ml_collections.ConfigDict, layout: SkeletonLayout) -
   """What a checkpoint must agree on with the config that restores it.
 
   `model_config` is every field of `config.model` (as JSON: tuples become lists), compared
-  field by field on restore (`checkpoint.meta_differences`).
+  field by field on restore (`checkpoint.meta_differences`), with the crop size the position
+  embedding was made for. Checkpoints written before also carry a `model` summary that repeated
+  some of these fields; fields only one side records are not compared.
   """
-  m = config.model
-  model_config = json.loads(json.dumps(m.to_dict(), default=str))
   return dict(
-      model_config=model_config,
+      model_config=json.loads(json.dumps(config.model.to_dict(), default=str)),
+      image_size=list(config.data.image_size),
       datasets=list(config.data.dataset_names),
-      num_keypoints=list(layout.num_keypoints),
-      model=dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                 patch_size=m.patch_size, part_features=m.part_features,
-                 image_size=list(config.data.image_size),
-                 head_deconv_filters=list(m.head_deconv_filters),
-                 use_proto_head=bool(m.use_proto_head), proto_dim=m.proto.out_channels,
-                 num_clusters=m.proto.num_clusters))
+      num_keypoints=list(layout.num_keypoints))
 
 
 def resolve_dataset_files(config: ml_collections.ConfigDict, workdir: str

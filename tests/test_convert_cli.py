@@ -135,7 +135,7 @@ def test_summary_of_tiny_conversion(converted_dir):
                                   cluster_prototypes=True, cluster_keypoint=False)
   assert meta["source"]["kind"] == "posebh" and meta["source"]["pth_meta"]["epoch"] == 100
   assert meta["num_keypoints"] == [17, 14, 16, 17, 17, 133]
-  assert meta["model"]["embed_dim"] == 96
+  assert meta["model_config"]["embed_dim"] == 96
   assert meta["num_clusters"] == 96
 
 

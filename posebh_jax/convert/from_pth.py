@@ -207,7 +207,7 @@ def convert_pth(model: PoseBHModel, pth_path: str, out_dir: str, *, num_in_class
                                                                      prototypes)
       if cluster_keypoint is None:
         notes.append(weights_lib.PLACEHOLDER_NOTE)
-  want_c = (model_meta or {}).get("model", {}).get("num_clusters")
+  want_c = (model_meta or {}).get("model_config", {}).get("proto", {}).get("num_clusters")
   if cluster_prototypes is not None and want_c not in (None, cluster_prototypes.shape[0]):
     # Legitimate (CPS picks C from [64, 96, 128]), but the config's table size differs.
     notes.append(f"the checkpoint has {cluster_prototypes.shape[0]} cluster prototypes, the "
