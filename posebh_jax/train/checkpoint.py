@@ -24,6 +24,7 @@ the loop checks it at every step boundary, saves, waits for the save, and stops 
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -142,23 +143,17 @@ def _one_line(e: BaseException) -> str:
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 16 * 2**20
 
 
+@functools.cache  # Once per process.
 def use_replica_parallel_for_large_arrays_only() -> None:
-  """Registers orbax's `jax.Array` handler with `REPLICA_PARALLEL_MIN_SLICE_BYTES` (idempotent).
+  """Registers orbax's `jax.Array` handler with `REPLICA_PARALLEL_MIN_SLICE_BYTES`.
 
   orbax's handler registry is process-wide: this applies to every save of the process. The
   handler is orbax's default otherwise (its array metadata store included: typed PRNG keys
   need it), and the files it writes are the same.
   """
-  global _handler_registered
-  if _handler_registered:
-    return
   ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
       array_metadata_store=array_metadata_store.Store(),
       min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
-  _handler_registered = True
-
-
-_handler_registered = False
 
 
 class Checkpointer:
