@@ -206,15 +206,19 @@ def test_first_save_on_8_devices_compiles_nothing_for_small_replicated_arrays(tm
            for i in range(12)}
   checkpoint_lib.state_digest(state)  # The digest's own compilations, before counting.
   compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda name, secs, **kw: compiles.append(name)
-      if name == "/jax/core/compile/backend_compile_duration" else None)
+
+  def listener(name, secs, **kw):
+    if name == "/jax/core/compile/backend_compile_duration":
+      compiles.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
     assert ckpt.save(1, state, None, {})
     ckpt.wait()
   finally:
-    jax.monitoring.clear_event_listeners()
+    # Only this test's listener: clearing all would drop listeners JAX or other tests hold.
+    jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == [], f"{len(compiles)} compilations during the save"
   restored = ckpt.restore(1, state, None, {})
   ckpt.close()
