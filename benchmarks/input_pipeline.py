@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from configs import samples as samples_config
-from data_pipelines import datasets, device_targets, pipeline, transforms
+from data_pipelines import coco_reader, datasets, device_targets, pipeline, transforms
 from posebh_jax import experiment
 
 
@@ -67,6 +67,8 @@ def opencv_sample(record: Mapping[str, Any], rng: np.random.Generator,
   d = int(record["dataset_index"])
   skeleton = cfg.layout.skeletons[d]
   udp = cfg.use_udp(d)
+  if cfg.center_jitter and cfg.center_jitter[d]:  # The training centre jitter (spec §6.15).
+    record = coco_reader.jitter_center_from(dict(record), rng, cfg.center_jitter_prob)
   img = cv2.imread(record["image_path"], cv2.IMREAD_COLOR)
   img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
   joints = record["keypoints"][:, :2].astype(np.float32)
@@ -173,7 +175,7 @@ def main() -> None:
   # and would swamp the comparison with an artefact of the tiny sample files.
   sources = [list(r) * -(-args.tile // len(r)) for r in samples]
   weights = [1.0] * len(sources)
-  n_total = args.n * (args.rounds + 1)
+  n_total = max(args.n * (args.rounds + 1), 40)  # 40: the same-work check below.
   mixed = pipeline.mixed_records(sources, weights, seed=0)
   stream = [mixed[i] for i in range(n_total)]  # The OpenCV loop's plain list of records.
   print(f"records: {dict(zip(config.data.dataset_names, map(len, samples)))} (each repeated to "
@@ -193,6 +195,8 @@ def main() -> None:
     w_same &= bool(np.array_equal(a["target_weight"], b["target_weight"]))
   print(f"same outputs on 40 samples: image max |diff| {d_img:.2e}, target max |diff| "
         f"{d_tgt:.2e}, target weights equal: {w_same}")
+  if d_img > 1e-5 or d_tgt > 1e-5 or not w_same:  # Else the ratio compares different work.
+    raise SystemExit("the OpenCV loop and the pipeline made different training inputs")
 
   # --- The sides. --------------------------------------------------------------------------------
   nb = max(1, args.n // args.batch)
