@@ -18,20 +18,30 @@ meaningful; absolute times and MFU count only on a GPU/TPU.
 With PyTorch installed (the `[torch]` extra) and `--size=b`, it also times a PyTorch port of the
 reference's PoseBH-B step (`benchmarks/torch_reference.py`: the authors' modules and losses, the
 same batch, layer-decay AdamW with clipping, every parameter trained) beside each of ours, the
-four steps (ours and the reference's, multi-head and PoseBH) interleaved within one loop so
-that all see the same machine load, and prints
-`ratio reference/ours` (> 1: ours is faster). Without torch it says so and times ours only.
+steps (ours and the reference's, multi-head and PoseBH) interleaved within one loop so that all
+see the same machine load, and prints `ratio reference/ours` (> 1: ours is faster). Without
+torch it says so and times ours only. The reference runs in a child process that this run
+starts and drives one step at a time (`--reference=inprocess`: in this process): in one
+process, at batch 8, the two runtimes slowed ours from 11.5 s to 27-30 s per step, with 90-160 s
+of kernel time per run (at batch 2 the effect was 2 %).
 
   python benchmarks/train_step.py                        # PoseBH-B sizes, batch 2 (CPU: minutes)
   python benchmarks/train_step.py --size=tiny --batch=8  # seconds
   python benchmarks/train_step.py --batch=128 --dtype=bfloat16 --repeats=20  # one accelerator
   python benchmarks/train_step.py --batch=512 --dtype=bfloat16 --fsdp=8      # 8 devices, FSDP
+  python benchmarks/train_step.py --batch=8 --steps=posebh    # one pair: ours and the reference's
+
+`--steps` picks which of the two steps to build (default both). At PoseBH-B size and batch 8 a
+24 GB machine holds one pair at a time (ours ~8 GB per step at its peak, the reference's
+~6 GB): run `--steps=multi-head` and `--steps=posebh`, and `--reference=off` for PoseBH ÷
+multi-head.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import statistics
 import time
 
@@ -87,18 +97,22 @@ def _compile(fn, state, batch):
   return fn, float("nan") if flops is None else flops
 
 
-def _time_interleaved(steps: dict, repeats: int) -> dict[str, float]:
+def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, float]:
   """Median seconds per step of each no-argument callable in `steps`, interleaved.
 
   Every callable runs one warm-up step, then each repeat runs every callable once in turn, so
   all medians come from the same machine load (on a shared 2-core machine, load drifts over the
   minutes a PoseBH-B run takes; timing the sides one after the other biased their ratio).
+  `settle` untimed steps precede each timed one: the first step after another side's steps
+  re-faults the memory that side's steps touched (see `main`'s `--settle`).
   """
   for fn in steps.values():
     fn()  # Warm-up (allocator, thread pool, first-call dispatch).
   times = {name: [] for name in steps}
   for _ in range(repeats):
     for name, fn in steps.items():
+      for _ in range(settle):
+        fn()
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
@@ -132,6 +146,44 @@ def _torch_reference(batch: dict[str, np.ndarray], proto: bool):
   return lambda: step(img, target, weight, ds)
 
 
+def _reference_worker(conn, host_batch: dict[str, np.ndarray], names: list[str]) -> None:
+  """Child process: builds the reference steps named in `names`, then runs the one each message
+  names and answers its wall time, until it receives None."""
+  import torch  # pylint: disable=g-import-not-at-top
+  steps = {n: _torch_reference(host_batch, proto=n == "posebh") for n in names}
+  conn.send((torch.__version__, torch.get_num_threads()))
+  while (name := conn.recv()) is not None:
+    t = time.perf_counter()
+    steps[name]()
+    conn.send(time.perf_counter() - t)
+
+
+class _ReferenceProcess:
+  """The reference's steps in a child process, run one at a time on request, so that they can
+  be interleaved with ours while the two runtimes share no allocator or thread pools. (In one
+  process, at PoseBH-B batch 8, ours slowed from 11.5 s to 27-30 s per step beside the PyTorch
+  port, with 90-160 s of kernel time per run; at batch 2 the effect was 2 %.)"""
+
+  def __init__(self, host_batch: dict[str, np.ndarray], names: list[str]):
+    ctx = multiprocessing.get_context("spawn")  # No fork of a process that has started JAX.
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(target=_reference_worker, args=(child, host_batch, names),
+                             daemon=True)
+    self._proc.start()
+    self.version, self.threads = self._conn.recv()
+
+  def step(self, name: str):
+    """A no-argument callable running the reference step `name` in the child."""
+    def run():
+      self._conn.send(name)
+      return self._conn.recv()
+    return run
+
+  def close(self) -> None:
+    self._conn.send(None)
+    self._proc.join(timeout=60)
+
+
 def _torch_available() -> str | None:
   """The torch version, or None when it is not installed."""
   try:
@@ -149,10 +201,19 @@ def main() -> None:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype (params, optimizer state and prototypes stay float32)")
   p.add_argument("--fsdp", type=int, default=1, help="devices per parameter shard group")
-  p.add_argument("--reference", default="auto", choices=("auto", "off"),
+  p.add_argument("--reference", default="auto", choices=("auto", "inprocess", "off"),
                  help="auto: also time the PyTorch reference port when torch is installed "
-                      "(PoseBH-B, float32 only)")
+                      "(PoseBH-B, float32 only), in a child process driven step by step; "
+                      "inprocess: in this process (the runtimes then interfere at batch 8)")
+  p.add_argument("--settle", type=int, default=1,
+                 help="untimed steps before each timed one (the first step after the other "
+                      "side's is slowed by re-faulting memory; 0: time it)")
+  p.add_argument("--steps", default="multi-head,posebh",
+                 help="comma-separated: which steps to build and time (multi-head, posebh)")
   a = p.parse_args()
+  names = a.steps.split(",")
+  if not names or set(names) - {"multi-head", "posebh"}:
+    raise SystemExit(f"--steps={a.steps}: choose from multi-head, posebh (comma-separated)")
 
   def config(**model):
     c = posebh_configs.get_config(a.size)
@@ -170,16 +231,10 @@ def main() -> None:
 
   full = config()
   stage2 = max(full.schedule.cps_start_step, full.schedule.css_start_step)
-  layout, state_f, fn_f, cfg_f = _build(full, mesh, stage2)
-  assert cfg_f.cps and cfg_f.css and cfg_f.use_proto_head
-
-  mh = config(use_proto_head=False)
-  _, state_m, fn_m, cfg_m = _build(mh, mesh, None)
-  assert not cfg_m.use_proto_head
-
+  layout = datasets.build_layout(full)
   host_batch = _batch(full, layout, a.batch)
   batch = pipeline.to_global_batch(host_batch, mesh)
-  torch_version = _torch_available() if a.reference == "auto" else None
+  torch_version = _torch_available() if a.reference != "off" else None
   why_not = None
   if a.reference == "off":
     why_not = "--reference=off"
@@ -188,22 +243,38 @@ def main() -> None:
   elif a.size != "b" or a.dtype != "float32":
     why_not = "the PyTorch port is PoseBH-B float32 only (--size=b --dtype=float32)"
   use_ref = why_not is None
-  fn_m, flops_m = _compile(fn_m, state_m, batch)
-  fn_f, flops_f = _compile(fn_f, state_f, batch)
-  steps = {"multi-head": _ours(fn_m, state_m, batch), "posebh": _ours(fn_f, state_f, batch)}
-  del state_m, state_f  # Donated to the first call; the callables hold the live states.
-  if use_ref:
+
+  steps, flops = {}, {}
+  for name in names:
+    if name == "posebh":
+      _, state, fn, cfg = _build(full, mesh, stage2)
+      assert cfg.cps and cfg.css and cfg.use_proto_head
+    else:
+      _, state, fn, cfg = _build(config(use_proto_head=False), mesh, None)
+      assert not cfg.use_proto_head
+    fn, flops[name] = _compile(fn, state, batch)
+    steps[name] = _ours(fn, state, batch)
+    del state  # Donated to the first call; the callable holds the live state.
+  ref = None
+  if use_ref and a.reference == "inprocess":
     import torch  # pylint: disable=g-import-not-at-top
-    steps["ref multi-head"] = _torch_reference(host_batch, proto=False)
-    steps["ref posebh"] = _torch_reference(host_batch, proto=True)
-  t = _time_interleaved(steps, a.repeats)
-  t_m, t_f = t["multi-head"], t["posebh"]
+    threads = torch.get_num_threads()
+    for name in names:
+      steps["ref " + name] = _torch_reference(host_batch, proto=name == "posebh")
+  elif use_ref:
+    ref = _ReferenceProcess(host_batch, names)
+    threads = ref.threads
+    for name in names:
+      steps["ref " + name] = ref.step(name)
+  t = _time_interleaved(steps, a.repeats, a.settle)
+  if ref is not None:
+    ref.close()
 
   m = full.model
   print(f"device: {jax.devices()[0].device_kind} x{mesh.size} (mesh {dict(mesh.shape)}); size "
         f"{a.size} (ViT {m.embed_dim}-d, depth {m.depth}), {a.dtype} compute, input "
         f"{tuple(full.data.image_size)}, global batch {a.batch}, {a.repeats} timed steps each "
-        "(median)")
+        f"(median; {a.settle} untimed before each)")
   per_device_batch = a.batch / mesh.size  # XLA's FLOPs are per device.
 
   def row(name, t, flops):
@@ -211,21 +282,28 @@ def main() -> None:
     mfu = f"MFU {100 * u:5.1f} %" if u is not None else "MFU n/a (peak unknown)"
     print(f"{name:36s}{t * 1e3:10.1f} ms  {a.batch / t:9.1f} img/s  "
           f"{flops / per_device_batch / 1e9:8.2f} GFLOP/image  {mfu}")
-  row("multi-head step (ViTPose++):", t_m, flops_m)
-  row("PoseBH step (proto + CPS + CSS):", t_f, flops_f)
-  print(f"overhead ratio (time):  {t_f / t_m:.3f}   (goal <= 1.10)")
-  print(f"overhead ratio (FLOPs): {flops_f / flops_m:.3f}")
+  labels = {"multi-head": "multi-head step (ViTPose++):",
+            "posebh": "PoseBH step (proto + CPS + CSS):"}
+  for name in names:
+    row(labels[name], t[name], flops[name])
+  if len(names) == 2:
+    print(f"overhead ratio (time):  {t['posebh'] / t['multi-head']:.3f}   (goal <= 1.10)")
+    print(f"overhead ratio (FLOPs): {flops['posebh'] / flops['multi-head']:.3f}")
+  else:
+    print("overhead ratio: not timed (one step built; --steps=multi-head,posebh for it)")
   if not use_ref:
     print(f"reference (PyTorch port): not timed: {why_not}")
     return
-  print(f"reference (PyTorch {torch_version} port, {torch.get_num_threads()} threads), same batch, "
-        "all four steps interleaved:")
-  r_m, r_f = t["ref multi-head"], t["ref posebh"]
-  print(f"  multi-head: reference {r_m * 1e3:10.1f} ms  ours {t_m * 1e3:10.1f} ms  "
-        f"ratio reference/ours {r_m / t_m:.3f}")
-  print(f"  PoseBH:     reference {r_f * 1e3:10.1f} ms  ours {t_f * 1e3:10.1f} ms  "
-        f"ratio reference/ours {r_f / t_f:.3f}")
-  print(f"  reference PoseBH / multi-head: {r_f / r_m:.3f}")
+  where = "this process" if ref is None else "a child process"
+  print(f"reference (PyTorch {torch_version} port, {threads} threads, in {where}), same batch, "
+        f"all {len(steps)} steps interleaved:")
+  for name, label in (("multi-head", "multi-head:"), ("posebh", "PoseBH:    ")):
+    if name in names:
+      r = t["ref " + name]
+      print(f"  {label} reference {r * 1e3:10.1f} ms  ours {t[name] * 1e3:10.1f} ms  "
+            f"ratio reference/ours {r / t[name]:.3f}")
+  if len(names) == 2:
+    print(f"  reference PoseBH / multi-head: {t['ref posebh'] / t['ref multi-head']:.3f}")
 
 
 if __name__ == "__main__":
