@@ -147,15 +147,15 @@ def _torch_reference(batch: dict[str, np.ndarray], proto: bool):
 
 
 def _reference_worker(conn, host_batch: dict[str, np.ndarray], names: list[str]) -> None:
-  """Child process: builds the reference steps named in `names`, then runs the one each message
-  names and answers its wall time, until it receives None."""
+  """Child process: builds the reference steps named in `names` and answers its thread count
+  when ready, then runs the step each message names and answers when it is done, until it
+  receives None. (The parent times each round trip, as it times its own steps.)"""
   import torch  # pylint: disable=g-import-not-at-top
   steps = {n: _torch_reference(host_batch, proto=n == "posebh") for n in names}
-  conn.send((torch.__version__, torch.get_num_threads()))
+  conn.send(torch.get_num_threads())
   while (name := conn.recv()) is not None:
-    t = time.perf_counter()
     steps[name]()
-    conn.send(time.perf_counter() - t)
+    conn.send(True)
 
 
 class _ReferenceProcess:
@@ -170,13 +170,13 @@ class _ReferenceProcess:
     self._proc = ctx.Process(target=_reference_worker, args=(child, host_batch, names),
                              daemon=True)
     self._proc.start()
-    self.version, self.threads = self._conn.recv()
+    self.threads = self._conn.recv()  # Also waits until the child has built its steps.
 
   def step(self, name: str):
     """A no-argument callable running the reference step `name` in the child."""
     def run():
       self._conn.send(name)
-      return self._conn.recv()
+      self._conn.recv()
     return run
 
   def close(self) -> None:
