@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import resource
 import statistics
 import time
 
@@ -97,7 +98,16 @@ def _compile(fn, state, batch):
   return fn, float("nan") if flops is None else flops
 
 
-def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, float]:
+def _temp_bytes(fn) -> int | None:
+  """XLA's scratch buffer of a compiled step, in bytes (None where the backend does not say)."""
+  try:
+    return fn.memory_analysis().temp_size_in_bytes
+  except (AttributeError, NotImplementedError):
+    return None
+
+
+def _time_interleaved(steps: dict, repeats: int, settle: int = 0,
+                      usage: dict | None = None) -> dict[str, float]:
   """Median seconds per step of each no-argument callable in `steps`, interleaved.
 
   Every callable runs one warm-up step, then each repeat runs every callable once in turn, so
@@ -105,17 +115,29 @@ def _time_interleaved(steps: dict, repeats: int, settle: int = 0) -> dict[str, f
   minutes a PoseBH-B run takes; timing the sides one after the other biased their ratio).
   `settle` untimed steps precede each timed one: the first step after another side's steps
   re-faults the memory that side's steps touched (see `main`'s `--settle`).
+  With `usage` (a dict), it also fills `usage[name]` with the medians of this process's minor
+  page faults and system CPU seconds per timed step (`getrusage`: meaningful for steps that run
+  in this process, i.e. ours, and the reference's with `--reference=inprocess`).
   """
   for fn in steps.values():
     fn()  # Warm-up (allocator, thread pool, first-call dispatch).
   times = {name: [] for name in steps}
+  faults = {name: [] for name in steps}
+  system = {name: [] for name in steps}
   for _ in range(repeats):
     for name, fn in steps.items():
       for _ in range(settle):
         fn()
+      r = resource.getrusage(resource.RUSAGE_SELF)
       t = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t)
+      r2 = resource.getrusage(resource.RUSAGE_SELF)
+      faults[name].append(r2.ru_minflt - r.ru_minflt)
+      system[name].append(r2.ru_stime - r.ru_stime)
+  if usage is not None:
+    usage.update({name: (statistics.median(faults[name]), statistics.median(system[name]))
+                  for name in steps})
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -244,7 +266,7 @@ def main() -> None:
     why_not = "the PyTorch port is PoseBH-B float32 only (--size=b --dtype=float32)"
   use_ref = why_not is None
 
-  steps, flops = {}, {}
+  steps, flops, temp, usage = {}, {}, {}, {}
   for name in names:
     if name == "posebh":
       _, state, fn, cfg = _build(full, mesh, stage2)
@@ -253,6 +275,7 @@ def main() -> None:
       _, state, fn, cfg = _build(config(use_proto_head=False), mesh, None)
       assert not cfg.use_proto_head
     fn, flops[name] = _compile(fn, state, batch)
+    temp[name] = _temp_bytes(fn)
     steps[name] = _ours(fn, state, batch)
     del state  # Donated to the first call; the callable holds the live state.
   ref = None
@@ -266,7 +289,7 @@ def main() -> None:
     threads = ref.threads
     for name in names:
       steps["ref " + name] = ref.step(name)
-  t = _time_interleaved(steps, a.repeats, a.settle)
+  t = _time_interleaved(steps, a.repeats, a.settle, usage)
   if ref is not None:
     ref.close()
 
@@ -286,6 +309,15 @@ def main() -> None:
             "posebh": "PoseBH step (proto + CPS + CSS):"}
   for name in names:
     row(labels[name], t[name], flops[name])
+  # On CPU, XLA allocates its scratch buffer for each execution and frees it after; at these
+  # sizes that is a fresh anonymous mapping each step (strace: one mmap and one munmap of its
+  # size per step), so every step faults all of it in again: kernel time outside the step's
+  # kernels. Printed so that a CPU user can see it (README, Benchmarks).
+  for name in names:
+    faults, sys_s = usage[name]
+    scratch = "n/a" if temp[name] is None else f"{temp[name] / 2**20:.0f} MiB"
+    print(f"  {name}: XLA scratch buffer {scratch}; per step {faults:.0f} minor page faults, "
+          f"{sys_s:.2f} s system CPU (this process)")
   if len(names) == 2:
     print(f"overhead ratio (time):  {t['posebh'] / t['multi-head']:.3f}   (goal <= 1.10)")
     print(f"overhead ratio (FLOPs): {flops['posebh'] / flops['multi-head']:.3f}")
