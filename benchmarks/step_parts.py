@@ -13,6 +13,8 @@ so all see the same machine load):
   cps        + cluster-prototype supervision.
   css        nocps + cross-type self-supervision.
   full       the stage-2 step (CPS and CSS): what train_step.py calls "PoseBH".
+  scatter    full, with the MoE experts' gradient as plain indexing's scatter-add (before
+             `vit_moe.take_experts`): `--variants=scatter,full`.
 
   python benchmarks/step_parts.py --batch=2
   python benchmarks/step_parts.py --batch=8 --variants=multi,protohead,full
@@ -32,10 +34,12 @@ import jax.numpy as jnp
 import train_step as ts  # benchmarks/ is the script's directory, hence on the path.
 from configs import posebh as posebh_configs
 from data_pipelines import pipeline
+from posebh_jax.models import vit_moe
 from posebh_jax.train import sharding
 from posebh_jax.train import step as step_lib
 
 _OBJECTIVE = step_lib.posebh_objective
+_TAKE_EXPERTS = vit_moe.take_experts
 
 
 def _head_only(outputs, batch, weight, protos, rng, cfg):
@@ -45,8 +49,15 @@ def _head_only(outputs, batch, weight, protos, rng, cfg):
   return total + 1e-9 * jnp.sum(outputs.embedding.astype(jnp.float32)), metrics, prototypes
 
 
-def _step(size: str, batch_size: int, *, proto_head: bool, objective=None, **stage_overrides):
-  """A no-argument callable running one compiled stage-2 step of the variant."""
+def _plain_take(table, index):
+  """Each sample's expert rows by plain indexing: its gradient is a scatter-add."""
+  return table[index]
+
+
+def _step(size: str, batch_size: int, *, proto_head: bool, objective=None, take=None,
+          **stage_overrides):
+  """→ (a no-argument callable running one compiled stage-2 step of the variant, XLA's
+  scratch bytes of that step or None)."""
   c = posebh_configs.get_config(size)
   c.train.batch_size = batch_size
   c.model.use_proto_head = proto_head
@@ -54,13 +65,15 @@ def _step(size: str, batch_size: int, *, proto_head: bool, objective=None, **sta
   stage2 = max(c.schedule.cps_start_step, c.schedule.css_start_step) if proto_head else None
   # The step looks the objective up when it is traced: swap it for this compilation only.
   step_lib.posebh_objective = objective or _OBJECTIVE
+  vit_moe.take_experts = take or _TAKE_EXPERTS  # Likewise the MoE gather (looked up at trace).
   try:
     layout, state, fn, _ = ts._build(c, mesh, stage2, **stage_overrides)
     batch = pipeline.to_global_batch(ts._batch(c, layout, batch_size), mesh)
     fn, _ = ts._compile(fn, state, batch)
   finally:
     step_lib.posebh_objective = _OBJECTIVE
-  return ts._ours(fn, state, batch)
+    vit_moe.take_experts = _TAKE_EXPERTS
+  return ts._ours(fn, state, batch), ts._temp_bytes(fn)
 
 
 _VARIANTS = {
@@ -70,6 +83,7 @@ _VARIANTS = {
     "cps": dict(proto_head=True, css=False),
     "css": dict(proto_head=True, cps=False),
     "full": dict(proto_head=True),
+    "scatter": dict(proto_head=True, take=_plain_take),
 }
 
 
@@ -78,6 +92,9 @@ def main() -> None:
   p.add_argument("--size", default="b", choices=("b", "h", "tiny"))
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--settle", type=int, default=1,
+                 help="untimed steps before each timed one (a step that follows another "
+                      "variant's re-faults memory on this kind of machine; 0: time it)")
   p.add_argument("--variants", default="multi,protohead,nocps,cps,full",
                  help=f"comma-separated, from {','.join(_VARIANTS)}; the first is the baseline")
   a = p.parse_args()
@@ -85,12 +102,17 @@ def main() -> None:
   unknown = sorted(set(names) - set(_VARIANTS))
   if unknown:
     raise SystemExit(f"unknown variants {unknown}; choose from {sorted(_VARIANTS)}")
-  steps = {n: _step(a.size, a.batch, **_VARIANTS[n]) for n in names}
-  t = ts._time_interleaved(steps, a.repeats)
+  built = {n: _step(a.size, a.batch, **_VARIANTS[n]) for n in names}
+  usage = {}
+  t = ts._time_interleaved({n: run for n, (run, _) in built.items()}, a.repeats, a.settle, usage)
   print(f"device: {jax.devices()[0].device_kind}; size {a.size}, batch {a.batch}, "
-        f"{a.repeats} interleaved repeats (median)")
+        f"{a.repeats} interleaved repeats (median; {a.settle} untimed before each)")
   for n in names:
-    print(f"{n:10s} {t[n] * 1e3:10.1f} ms   ÷ {names[0]} {t[n] / t[names[0]]:.3f}")
+    temp = built[n][1]
+    scratch = "n/a" if temp is None else f"{temp / 2**20:.0f} MiB"
+    faults, sys_s = usage[n]
+    print(f"{n:10s} {t[n] * 1e3:10.1f} ms   ÷ {names[0]} {t[n] / t[names[0]]:.3f}   scratch "
+          f"{scratch}, {faults:.0f} minor faults, {sys_s:.2f} s system CPU per step")
 
 
 if __name__ == "__main__":
