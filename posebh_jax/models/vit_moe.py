@@ -131,10 +131,12 @@ def take_experts(table: jax.Array, index: jax.Array) -> jax.Array:
   which XLA runs as a zero-filled copy of the whole `[E, ...]` table plus a scatter per layer;
   here it is one contraction with the one-hot of `index`, `sum_b onehot[b, e] * g[b]`, written
   straight into the gradient. The same sums (a product by 1.0 or 0.0 is exact; samples that
-  share an expert may add in another order). At PoseBH-B size that removed 168 MiB of the step's
-  1,228 MiB scratch at batch 2 and made the step 1.04× (batch 2) and 1.09× (batch 8) faster on
-  CPU (`benchmarks/moe_expert_gather.py`; README, Benchmarks). A non-finite gradient row now
-  reaches every expert's gradient (0 × NaN); the train step rejects such a step either way.
+  share an expert may add in another order). Alone it is no faster (`benchmarks/
+  moe_expert_gather.py`), but XLA:CPU faults the step's whole scratch in on every step, and at
+  PoseBH-B size this takes 162 MiB off it: the stage-2 step ran 1.018× (batch 2) and 1.013×
+  (batch 8) faster on CPU (`benchmarks/step_parts.py --variants=scatter,full`; README,
+  Benchmarks). A non-finite gradient row now reaches every expert's gradient (0 × NaN); the
+  train step rejects such a step either way.
   """
   return table[index]
 
