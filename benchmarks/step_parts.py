@@ -108,11 +108,8 @@ def main() -> None:
   print(f"device: {jax.devices()[0].device_kind}; size {a.size}, batch {a.batch}, "
         f"{a.repeats} interleaved repeats (median; {a.settle} untimed before each)")
   for n in names:
-    temp = built[n][1]
-    scratch = "n/a" if temp is None else f"{temp / 2**20:.0f} MiB"
-    faults, sys_s = usage[n]
-    print(f"{n:10s} {t[n] * 1e3:10.1f} ms   ÷ {names[0]} {t[n] / t[names[0]]:.3f}   scratch "
-          f"{scratch}, {faults:.0f} minor faults, {sys_s:.2f} s system CPU per step")
+    print(f"{n:10s} {t[n] * 1e3:10.1f} ms   ÷ {names[0]} {t[n] / t[names[0]]:.3f}   "
+          f"{ts._usage_text(built[n][1], *usage[n])}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,13 @@ def _temp_bytes(fn) -> int | None:
     return None
 
 
+def _usage_text(temp_bytes: int | None, faults: float, system_s: float) -> str:
+  """One step's memory cost on the host: XLA's scratch size, minor page faults and system CPU."""
+  scratch = "n/a" if temp_bytes is None else f"{temp_bytes / 2**20:.0f} MiB"
+  return (f"XLA scratch buffer {scratch}; per step {faults:.0f} minor page faults, "
+          f"{system_s:.2f} s system CPU")
+
+
 def _time_interleaved(steps: dict, repeats: int, settle: int = 0,
                       usage: dict | None = None) -> dict[str, float]:
   """Median seconds per step of each no-argument callable in `steps`, interleaved.
@@ -314,10 +321,7 @@ def main() -> None:
   # size per step), so every step faults all of it in again: kernel time outside the step's
   # kernels. Printed so that a CPU user can see it (README, Benchmarks).
   for name in names:
-    faults, sys_s = usage[name]
-    scratch = "n/a" if temp[name] is None else f"{temp[name] / 2**20:.0f} MiB"
-    print(f"  {name}: XLA scratch buffer {scratch}; per step {faults:.0f} minor page faults, "
-          f"{sys_s:.2f} s system CPU (this process)")
+    print(f"  {name}: {_usage_text(temp[name], *usage[name])} (this process)")
   if len(names) == 2:
     print(f"overhead ratio (time):  {t['posebh'] / t['multi-head']:.3f}   (goal <= 1.10)")
     print(f"overhead ratio (FLOPs): {flops['posebh'] / flops['multi-head']:.3f}")
