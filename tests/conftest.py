@@ -31,22 +31,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", "none")
 
 
-# The longest tests first (measured: each of these files takes 40-320 s of one worker on 2
-# cores), so that xdist's workers do not end on one long test while the other idles. With
-# `--dist loadgroup` (the README's command) groups of tests that share a module fixture
-# (`xdist_group`) go out first, then single tests in this order; the order changes no result.
-_LONG_FIRST = ("test_notebook.py", "test_synthetic_study.py", "test_readme_clone.py",
-               "test_new_skeleton.py", "test_train_step.py", "test_schedule.py",
-               "test_train_step_benchmark.py", "test_samples_mix.py", "test_bn_groups.py",
-               "test_preemption.py", "test_transfer_datasets.py", "test_pod_options.py",
-               "test_end_to_end.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(_LONG_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: else as collected.
-
-
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, "workerinput"):  # Not an xdist worker's exit.
     shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)

@@ -32,8 +32,6 @@ from posebh_jax.train import restore
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 10  # Checkpoints at 2, 4, 6, 8, 10 (all kept).
-# The tests of the `base` run on one xdist worker: the run (a module fixture) is made once.
-_BASE_GROUP = pytest.mark.xdist_group("checkpoint_faults_base")
 
 
 def _cli(workdir, data_root, *overrides, num_steps=NUM_STEPS):
@@ -82,7 +80,6 @@ def _outside(base, wd):
   return snapshot(REPO, base[1], base[0], wd.parent, exclude=(wd,))
 
 
-@_BASE_GROUP
 def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(base, tmp_path):
   wd = _copy(base, tmp_path, "damaged")
   ckpts = wd / "checkpoints"
@@ -127,7 +124,6 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(base, tmp_path):
   assert changed(before, _outside(base, wd)) == []
 
 
-@_BASE_GROUP
 def test_huge_learning_rate_never_checkpoints_a_non_finite_state(base, tmp_path):
   wd = _copy(base, tmp_path, "lr")
   before = _outside(base, wd)
@@ -154,7 +150,6 @@ def test_huge_learning_rate_never_checkpoints_a_non_finite_state(base, tmp_path)
   assert changed(before, _outside(base, wd)) == []
 
 
-@_BASE_GROUP
 def test_mismatched_model_fields_are_named_and_nothing_is_touched(base, tmp_path):
   wd = _copy(base, tmp_path, "mismatch")
   # Everything of the run is untouched; only JAX's persistent compilation cache

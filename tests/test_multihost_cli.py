@@ -27,9 +27,7 @@ import pytest
 from conftest import assert_params_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One xdist worker runs the module: the trained run (a module fixture) is made once, and the
-# runs that compile the same 2-process programs (train, SIGTERM) do not compile them at once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost_cli")]
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 900  # Per multi-process run: CPU collectives are slow on a loaded 2-core machine.
 # Small, uneven evaluation shares (11 instances per dataset over 2 processes: 6 + 5, in batches
