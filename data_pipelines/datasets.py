@@ -271,7 +271,7 @@ def load_records(config: ml_collections.ConfigDict, layout: SkeletonLayout,
     det = entry.get("val_det", "") if split == "val" else ""
     if tfds_dir and not is_generated(config, f.name, entry):  # Generated data: its files.
       # Imported only for TFDS-built data: tensorflow_datasets adds ~0.3 s to every start.
-      from data_pipelines import tfds_builders  # pylint: disable=g-import-not-at-top
+      from data_pipelines import tfds_builders
       tfds_split = "val_det" if det else split
       key = dict(format=fmt, num_keypoints=build.num_keypoints)
       recs = tfds_builders.TfdsRecords(
